@@ -1,0 +1,1 @@
+"""slimta: a reusable, asynchronous mail-transfer-agent library built on gevent."""
