@@ -1,0 +1,116 @@
+"""Edges receive messages from outside and hand them to a queue.
+
+:class:`Edge` stamps and hands off envelopes; :class:`EdgeServer` adds a
+listening socket served by greenlets.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from slimta import logging as slogging
+
+if TYPE_CHECKING:
+    from slimta.envelope import Envelope
+
+__all__ = ["Edge", "EdgeServer"]
+
+
+class QueueLike(Protocol):
+    """What an edge needs of a queue: anything with ``enqueue()``."""
+
+    def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, Any]]: ...
+
+
+class Edge:
+    """Base class for anything that receives messages.
+
+    :param queue: a :class:`~slimta.queue.Queue`, or any object with an
+        ``enqueue(envelope)`` method returning ``[(envelope, id_or_error)]``.
+    :param hostname: this server's name, stamped into
+        :attr:`Envelope.receiver <slimta.envelope.Envelope.receiver>`;
+        defaults to the host's FQDN.
+    """
+
+    def __init__(self, queue: QueueLike, hostname: str | None = None) -> None:
+        self.queue = queue
+        self.hostname = hostname or socket.getfqdn()
+
+    def handoff(self, envelope: Envelope) -> list[tuple[Envelope, Any]]:
+        """Stamp *envelope* and give it to the queue.
+
+        :returns: the queue's ``[(envelope, id_or_error), ...]``; edges answer
+            from the first entry.
+        """
+        envelope.receiver = self.hostname
+        envelope.timestamp = time.time()
+        try:
+            return self.queue.enqueue(envelope)
+        except Exception:
+            slogging.log_exception(__name__)
+            raise
+
+    def kill(self) -> None:
+        """Stop the edge's services (nothing to stop in the base class)."""
+
+
+class EdgeServer(Edge, gevent.Greenlet):  # type: ignore[misc]
+    """An edge that listens on a socket and serves each connection in a greenlet.
+
+    :param listener: ``(ip, port)`` or a listening socket.
+    :param queue: see :class:`Edge`.
+    :param pool: a :class:`gevent.pool.Pool` bounding concurrent connections;
+        when full, the server stops accepting until a slot frees.
+    :param hostname: see :class:`Edge`.
+    """
+
+    def __init__(
+        self,
+        listener: Any,
+        queue: QueueLike,
+        pool: Pool | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        Edge.__init__(self, queue, hostname)
+        gevent.Greenlet.__init__(self)
+        # A pool, even unbounded, lets stop() find the live sessions.
+        self.pool = pool if pool is not None else Pool()
+        #: The :class:`gevent.server.StreamServer` accepting connections.
+        self.server = StreamServer(listener, self._handle, spawn=self.pool)
+
+    def _run(self) -> None:
+        self.server.start()
+        self.server.serve_forever()
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        try:
+            self.handle(sock, address)
+        except Exception:
+            slogging.log_exception(__name__)
+            raise
+
+    def handle(self, socket: Any, address: Any) -> None:
+        """Serve one connection; the socket is closed when this returns."""
+        raise NotImplementedError()
+
+    def stop(self, grace: float | None = 10.0) -> None:
+        """Stop accepting, give open sessions *grace* seconds, then end them.
+
+        Sessions still open after the grace time are told ``421 4.3.2`` and
+        closed.
+        """
+        self.server.close()
+        self.pool.join(timeout=grace)
+        self.pool.kill(block=True, timeout=5.0)
+        gevent.Greenlet.kill(self, block=False)
+
+    def kill(self, *args: Any, **kwargs: Any) -> None:
+        """Stop the server at once and end the greenlet."""
+        self.server.stop(timeout=0)
+        gevent.Greenlet.kill(self, *args, **kwargs)

@@ -1,0 +1,278 @@
+"""The SMTP edge: receive mail over SMTP and hand it to a queue.
+
+:class:`SmtpEdge` listens, runs a :class:`~slimta.smtp.server.Server` per
+connection with an internal :class:`SmtpSession` as its handlers, and calls
+the hooks of a user's :class:`SmtpValidators` subclass, which decide on each
+reply.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from gevent.pool import Pool
+
+from slimta.edge import EdgeServer, QueueLike
+from slimta.envelope import Envelope
+from slimta.logging import getSocketLogger
+from slimta.smtp import ConnectionLost, MessageTooBig
+from slimta.smtp.reply import Reply
+from slimta.smtp.server import Server
+
+__all__ = ["SmtpEdge", "SmtpValidators"]
+
+log = getSocketLogger(__name__)
+
+
+class SmtpValidators:
+    """Base class for the hooks that validate an SMTP session.
+
+    Subclass it and define any of ``handle_banner(reply, address)``,
+    ``handle_ehlo(reply, ehlo_as)``, ``handle_helo(reply, helo_as)``,
+    ``handle_tls()``, ``handle_auth(reply, creds)``,
+    ``handle_mail(reply, sender, params)``,
+    ``handle_rcpt(reply, recipient, params)``, ``handle_data(reply)``,
+    ``handle_have_data(reply, data)``, ``handle_queued(reply, results)`` and
+    ``handle_rset(reply)``. Each receives the :class:`~slimta.smtp.reply.Reply`
+    about to be sent and may change it; a code of ``421`` or ``221`` closes the
+    connection after sending.
+
+    :param session: the session; read ``address``, ``ehlo_as``,
+        ``extended_smtp``, ``security``, ``auth``, ``envelope``,
+        ``reverse_address`` and ``protocol`` from it.
+    """
+
+    def __init__(self, session: SmtpSession) -> None:
+        self.session = session
+
+
+class SmtpSession:
+    """The handlers object behind one :class:`SmtpEdge` connection.
+
+    Attributes read by validators: :attr:`address`, :attr:`extended_smtp`,
+    :attr:`security`, :attr:`ehlo_as`, :attr:`auth`, :attr:`envelope`,
+    :attr:`reverse_address`, :attr:`protocol`.
+    """
+
+    __slots__ = (
+        "address",
+        "auth",
+        "ehlo_as",
+        "envelope",
+        "extended_smtp",
+        "handoff",
+        "reverse_address",
+        "security",
+        "utf8",
+        "validators",
+    )
+
+    def __init__(
+        self, address: Any, validator_class: type[SmtpValidators] | None, handoff: Any
+    ) -> None:
+        #: The client's ``(ip, port)``.
+        self.address = address
+        self.handoff = handoff
+        #: True after EHLO (rather than HELO).
+        self.extended_smtp = False
+        #: ``None``, or ``'TLS'`` once the session is encrypted.
+        self.security: str | None = None
+        #: The name the client gave with EHLO or HELO.
+        self.ehlo_as: str | None = None
+        #: ``None``, or ``(authcid, authzid)`` after a successful AUTH.
+        self.auth: tuple[str, str | None] | None = None
+        #: The message being received.
+        self.envelope: Envelope | None = None
+        #: The client's PTR name when looked up; ``None`` otherwise.
+        self.reverse_address: str | None = None
+        self.utf8 = False
+        self.validators = validator_class(self) if validator_class is not None else None
+
+    @property
+    def protocol(self) -> str:
+        """The ``with`` protocol of RFC 3848 / RFC 6531, e.g. ``'ESMTPSA'``."""
+        proto = "ESMTP" if self.extended_smtp else "SMTP"
+        if self.utf8:
+            proto = "UTF8" + proto
+        if self.security == "TLS":
+            proto += "S"
+        if self.auth:
+            proto += "A"
+        return proto
+
+    def _hook(self, name: str, *args: Any) -> None:
+        validators = self.validators
+        if validators is not None:
+            method = getattr(validators, name, None)
+            if method is not None:
+                method(*args)
+
+    # Server callbacks ------------------------------------------------------
+    def BANNER_(self, reply: Reply) -> None:
+        self._hook("handle_banner", reply, self.address)
+
+    def EHLO(self, reply: Reply, ehlo_as: str) -> None:
+        self._hook("handle_ehlo", reply, ehlo_as)
+        if reply.code == "250":
+            self.extended_smtp = True
+            self.ehlo_as = ehlo_as
+            self.envelope = None
+
+    def HELO(self, reply: Reply, helo_as: str) -> None:
+        self._hook("handle_helo", reply, helo_as)
+        if reply.code == "250":
+            self.extended_smtp = False
+            self.ehlo_as = helo_as
+            self.envelope = None
+
+    def TLSHANDSHAKE(self) -> None:
+        # RFC 3207 4.2: the client must greet again; forget what came before.
+        self.security = "TLS"
+        self.ehlo_as = None
+        self.envelope = None
+        self.auth = None
+        self._hook("handle_tls")
+
+    def AUTH(self, reply: Reply, creds: Any) -> None:
+        self._hook("handle_auth", reply, creds)
+        if reply.code == "235":
+            self.auth = (creds.authcid, creds.authzid)
+
+    def MAIL(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
+        self._hook("handle_mail", reply, address, params)
+        if reply.code == "250":
+            self.envelope = Envelope(sender=address)
+            self.utf8 = b"SMTPUTF8" in params
+
+    def RCPT(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
+        self._hook("handle_rcpt", reply, address, params)
+        if reply.code == "250" and self.envelope is not None:
+            self.envelope.recipients.append(address)
+
+    def DATA(self, reply: Reply) -> None:
+        self._hook("handle_data", reply)
+
+    def RSET(self, reply: Reply) -> None:
+        self.envelope = None
+        self._hook("handle_rset", reply)
+
+    def HAVE_DATA(self, reply: Reply, data: bytes | None, err: Exception | None) -> None:
+        envelope = self.envelope
+        self.envelope = None
+        if err is not None:
+            if isinstance(err, MessageTooBig):
+                reply.code = "552"
+                reply.message = "5.3.4 Message exceeded size limit"
+            return
+        assert data is not None and envelope is not None
+        self._hook("handle_have_data", reply, data)
+        if reply.code != "250":
+            return
+        envelope.client = {
+            "ip": self.address[0] if self.address else None,
+            "host": self.reverse_address,
+            "name": self.ehlo_as,
+            "protocol": self.protocol,
+            "auth": self.auth,
+        }
+        envelope.parse(data)
+        results = self.handoff(envelope)
+        self._reply_from_results(reply, results)
+        self._hook("handle_queued", reply, results)
+
+    @staticmethod
+    def _reply_from_results(reply: Reply, results: list[tuple[Envelope, Any]]) -> None:
+        outcome = results[0][1] if results else None
+        if isinstance(outcome, BaseException) or outcome is None:
+            # QueueError or RelayError (ProxyQueue) carry the reply to send.
+            error_reply = getattr(outcome, "reply", None)
+            if isinstance(error_reply, Reply) and error_reply.code:
+                reply.copy(error_reply)
+            else:
+                reply.code = "451"
+                reply.message = "4.3.0 Error queuing message"
+            return
+        reply.code = "250"
+        reply.message = f"2.6.0 Message accepted for delivery; queued as {outcome}"
+
+
+class SmtpEdge(EdgeServer):
+    """Receives mail over SMTP and hands each message to *queue*.
+
+    :param listener: ``(ip, port)`` or a listening socket.
+    :param queue: a queue, or any object with ``enqueue(envelope)``.
+    :param pool: a :class:`gevent.pool.Pool` bounding concurrent sessions.
+    :param max_size: advertise ``SIZE max_size`` and refuse bigger messages
+        (552 5.3.4); ``None`` advertises no limit.
+    :param validator_class: a :class:`SmtpValidators` subclass, instantiated
+        per connection.
+    :param auth: ``False``, ``True``, or a list of SASL mechanism names.
+    :param context: a server :class:`ssl.SSLContext`: STARTTLS, or implicit
+        TLS with *tls_immediately*.
+    :param tls_immediately: TLS from the first byte (port 465, RFC 8314).
+    :param command_timeout: seconds to wait for each command.
+    :param data_timeout: seconds for a whole message's content.
+    :param hostname: the server name, in greetings and ``Envelope.receiver``.
+    :param max_recipients: accepted RCPTs per message (then 452 4.5.3).
+    :param max_errors: protocol errors per session (then 421 4.7.0).
+
+    .. versionchanged:: 4.0
+       *context* replaces the ``tls`` dict of file names.
+    """
+
+    def __init__(
+        self,
+        listener: Any,
+        queue: QueueLike,
+        pool: Pool | None = None,
+        max_size: int | None = None,
+        validator_class: type[SmtpValidators] | None = None,
+        auth: bool | list[bytes] | list[str] = False,
+        context: ssl.SSLContext | None = None,
+        tls_immediately: bool = False,
+        command_timeout: float | None = None,
+        data_timeout: float | None = None,
+        hostname: str | None = None,
+        *,
+        max_recipients: int = 1000,
+        max_errors: int = 20,
+    ) -> None:
+        super().__init__(listener, queue, pool, hostname)
+        self.max_size = max_size
+        self.validator_class = validator_class
+        self.auth = auth
+        self.context = context
+        self.tls_immediately = tls_immediately
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.max_recipients = max_recipients
+        self.max_errors = max_errors
+
+    def handle(self, socket: Any, address: Any) -> None:
+        """Serve one SMTP session on an accepted connection."""
+        log.accept(self.server, socket, address)
+        session = SmtpSession(address, self.validator_class, self.handoff)
+        server = Server(
+            socket,
+            session,
+            auth=self.auth,
+            context=self.context,
+            tls_immediately=self.tls_immediately,
+            command_timeout=self.command_timeout,
+            data_timeout=self.data_timeout,
+            hostname=self.hostname,
+            address=address,
+            max_recipients=self.max_recipients,
+            max_errors=self.max_errors,
+        )
+        if self.max_size:
+            server.extensions.add("SIZE", self.max_size)
+        try:
+            server.handle()
+        except ConnectionLost:
+            pass
+        except OSError as exc:
+            log.error(socket, exc, address)
+        finally:
+            server.io.close()

@@ -1,0 +1,702 @@
+"""The sans-IO SMTP server: bytes in, events and reply bytes out.
+
+Usage by an adapter::
+
+    conn = ServerConnection(extensions, max_size=...)
+    conn.greet("220", "mx.example.org ESMTP")
+    while True:
+        event = conn.next_event()
+        if isinstance(event, NeedData):
+            send(conn.data_to_send()); conn.receive_data(recv())
+        elif isinstance(event, ConnectionClosed):
+            send(conn.data_to_send()); break
+        else:
+            conn.respond(code, message)      # the decision about the event
+
+The core answers everything that does not need a decision: syntax errors,
+bad sequences, unsupported parameters and every limit (line length, message
+size, recipients, errors). Replies are queued until :meth:`data_to_send`, so
+an adapter that flushes on :class:`NeedData` batches pipelined replies
+(RFC 2920).
+"""
+
+from __future__ import annotations
+
+import re
+
+from slimta.smtp import _events as ev
+from slimta.smtp._address import (
+    ArgumentError,
+    parse_mail_argument,
+    parse_params,
+    parse_rcpt_argument,
+)
+from slimta.smtp._buffer import LINE_TOO_LONG, ReceiveBuffer
+from slimta.smtp._reply import format_reply
+from slimta.smtp._state import ALLOWED, KNOWN_VERBS, State, after_success
+from slimta.smtp.extensions import Extensions
+
+__all__ = ["ServerConnection"]
+
+#: Command line limit for plain commands (RFC 5321 4.5.3.1.4), CRLF excluded.
+COMMAND_LINE_LIMIT = 510
+#: MAIL and RCPT lines may grow with extension parameters (RFC 1870, 4954, 3461).
+PARAM_LINE_LIMIT = 2046
+#: AUTH lines and SASL responses (RFC 4954 section 4: 12288 octets suffice).
+AUTH_LINE_LIMIT = 12288
+#: Text line limit in DATA content (RFC 5321 4.5.3.1.6), CRLF excluded.
+DATA_LINE_LIMIT = 998
+
+_VERB = re.compile(r"([A-Za-z]+)(?: (.*))?\Z", re.DOTALL)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BDAT = re.compile(r"(\d{1,20})(?: +(LAST))? *\Z", re.IGNORECASE)
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
+_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
+
+_R_SYNTAX = ("500", "5.5.2 Syntax error, command unrecognized")
+_R_TOO_LONG = ("500", "5.5.2 Line too long")
+_R_BAD_CHARS = ("500", "5.5.2 Invalid characters in command")
+_R_BAD_UTF8 = ("500", "5.5.2 Invalid UTF-8 in command")
+_R_BARE_NEWLINE = ("500", "5.5.2 Bare CR or LF not allowed")
+_R_NEED_ARG = ("501", "5.5.4 Syntax error in parameters or arguments")
+_R_NO_ARG = ("501", "5.5.4 Command takes no argument")
+_R_NEED_HELLO = ("503", "5.5.1 Bad sequence of commands: send EHLO or HELO first")
+_R_NESTED_MAIL = ("503", "5.5.1 Bad sequence of commands: nested MAIL command")
+_R_NEED_MAIL = ("503", "5.5.1 Bad sequence of commands: need MAIL command")
+_R_NEED_RCPT = ("503", "5.5.1 Bad sequence of commands: need RCPT command")
+_R_SEQUENCE = ("503", "5.5.1 Bad sequence of commands")
+_R_NOT_OFFERED = ("502", "5.5.1 Command not implemented")
+_R_TLS_ACTIVE = ("503", "5.5.1 TLS already active")
+_R_AUTHED = ("503", "5.5.1 Already authenticated")
+_R_BDAT_SYNTAX = ("521", "5.5.4 Syntax: BDAT count [LAST]; closing connection")
+_R_DATA_AFTER_BDAT = ("503", "5.5.1 Bad sequence of commands: DATA after BDAT")
+_R_BINARY_DATA = ("503", "5.5.1 Bad sequence of commands: BODY=BINARYMIME needs BDAT")
+_R_TOO_MANY_RCPTS = ("452", "4.5.3 Too many recipients")
+_R_TOO_MANY_ERRORS = ("421", "4.7.0 Too many errors, closing connection")
+_R_UTF8_ADDRESS = ("553", "5.6.7 Must declare SMTPUTF8 to send unicode address")
+_R_SIZE_SYNTAX = ("501", "5.5.4 Bad message size syntax")
+_R_BODY = ("501", "5.5.4 Unsupported BODY type")
+_R_AUTH_PARAM = ("501", "5.5.4 Bad AUTH parameter syntax")
+_R_TOO_BIG_CHUNK = ("552", "5.3.4 Message size exceeds fixed limit")
+_R_TOO_BIG = ("552", "5.3.4 Message size exceeds fixed limit")
+_R_BARE_IN_DATA = ("550", "5.5.2 Message contains bare CR or LF characters")
+_R_LONG_DATA_LINE = ("554", "5.6.0 Message contains a line longer than 998 octets")
+
+_NEED_DATA = ev.NeedData()
+_CLOSED = ev.ConnectionClosed()
+_RSET = ev.Rset()
+_NOOP = ev.Noop()
+_QUIT = ev.Quit()
+_STARTTLS = ev.StartTls()
+_DATA = ev.Data()
+_DATA_CHUNKING = ev.Data(chunking=True)
+
+
+class ServerConnection:
+    """One SMTP server session, without I/O.
+
+    :param extensions: what EHLO advertises; the core reads it at the time of
+        each command, so callers may change it during the session. Keywords
+        the core acts on: SIZE, 8BITMIME, SMTPUTF8, CHUNKING, BINARYMIME,
+        STARTTLS, AUTH, PIPELINING.
+    :param max_recipients: accepted RCPTs per transaction; more get 452 4.5.3.
+    :param max_errors: protocol errors per session before 421 4.7.0.
+    :param data_line_limit: longest DATA text line, CRLF excluded.
+    :param encrypted: the connection is already under TLS.
+    """
+
+    __slots__ = (
+        "_bare",
+        "_bdat_last",
+        "_bdat_remaining",
+        "_bdat_reply",
+        "_binary",
+        "_buf",
+        "_chunking",
+        "_eof",
+        "_failed",
+        "_longest",
+        "_out",
+        "_parts",
+        "_pending",
+        "_pending_verb",
+        "_rcpt_count",
+        "_return_state",
+        "_size",
+        "_too_big",
+        "_utf8",
+        "authenticated",
+        "data_line_limit",
+        "encrypted",
+        "errors",
+        "extensions",
+        "max_errors",
+        "max_recipients",
+        "state",
+    )
+
+    _rcpt_count: int
+    _utf8: bool
+    _binary: bool
+    _chunking: bool
+    _failed: bool
+    _size: int
+    _too_big: bool
+    _bare: bool
+    _longest: int
+    _parts: list[bytes]
+    _bdat_remaining: int
+    _bdat_last: bool
+    _bdat_reply: tuple[str, str] | None
+
+    def __init__(
+        self,
+        extensions: Extensions,
+        *,
+        max_recipients: int = 1000,
+        max_errors: int = 20,
+        data_line_limit: int = DATA_LINE_LIMIT,
+        encrypted: bool = False,
+    ) -> None:
+        self.extensions = extensions
+        self.max_recipients = max_recipients
+        self.max_errors = max_errors
+        self.data_line_limit = data_line_limit
+        #: The session runs under TLS.
+        self.encrypted = encrypted
+        #: A SASL exchange ended with 235 in this session.
+        self.authenticated = False
+        #: Protocol errors counted so far.
+        self.errors = 0
+        #: Where the session is; see :mod:`slimta.smtp._state`.
+        self.state = State.GREETING
+        self._buf = ReceiveBuffer()
+        self._out: list[bytes] = []
+        self._eof = False
+        self._pending: ev.Event | None = None
+        self._pending_verb = ""
+        self._return_state = State.READY
+        self._reset_transaction()
+
+    # ------------------------------------------------------------------ I/O
+    def receive_data(self, data: bytes) -> None:
+        """Give the core bytes read from the peer; ``b''`` means end of input."""
+        if data:
+            self._buf.feed(data)
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        """Take the reply bytes queued so far."""
+        out = self._out
+        if not out:
+            return b""
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is over; flush :meth:`data_to_send` and close."""
+        return self.state is State.CLOSED
+
+    # ------------------------------------------------------------ decisions
+    def greet(self, code: str, message: str) -> None:
+        """Send the greeting; only 220 opens the session (RFC 5321 3.1)."""
+        self._require_state(State.GREETING)
+        self._queue(code, message)
+        if code == "220":
+            self.state = State.HELLO
+        elif code in ("221", "421"):
+            self.state = State.CLOSED
+        else:
+            self.state = State.NO_SERVICE
+
+    def respond(self, code: str, message: str, newline_first: bool = False) -> None:
+        """Answer the event last returned by :meth:`next_event`.
+
+        A 221 or 421 ends the session; a positive reply moves the session on.
+        """
+        event = self._pending
+        if event is None:
+            raise RuntimeError("respond() without an event waiting for a reply")
+        self._pending = None
+        verb = self._pending_verb
+        first = code[0]
+        if code in ("221", "421"):
+            self._queue(code, message, newline_first)
+            self.state = State.CLOSED
+            return
+        if verb == "DATA" and isinstance(event, ev.Data) and event.chunking:
+            self._answer_first_chunk(code, message)
+            return
+        if isinstance(event, ev.MessageReceived | ev.MessageRefused):
+            self._queue(code, message, newline_first)
+            self._end_transaction()
+            return
+        if verb == "AUTH":
+            self._queue(code, message, newline_first)
+            self.state = State.READY
+            if code == "235":
+                self.authenticated = True
+            elif first == "5":
+                self._count_error()
+            return
+        if first in "23":
+            if verb == "EHLO" and code == "250":
+                message = self.extensions.build_string(message)
+            elif verb == "STARTTLS":
+                self._queue(code, message, newline_first)
+                if code == "220":
+                    self._start_tls()
+                return
+            self._queue(code, message, newline_first)
+            if verb in ("EHLO", "HELO", "RSET"):
+                self._reset_transaction()
+            elif verb == "MAIL":
+                assert isinstance(event, ev.MailFrom)
+                self._utf8 = b"SMTPUTF8" in event.params
+                self._binary = event.params.get(b"BODY", b"").upper() == b"BINARYMIME"  # type: ignore[union-attr]
+            elif verb == "RCPT":
+                self._rcpt_count += 1
+            elif verb == "DATA":
+                self._buf.start_data()
+            self.state = after_success(verb, self.state)
+            return
+        self._queue(code, message, newline_first)
+        if isinstance(event, ev.UnknownCommand) and first == "5":
+            self._count_error()
+
+    def challenge(self, text: str) -> None:
+        """Send a ``334`` SASL challenge (base64 *text*) and await its answer.
+
+        Valid only while an :class:`~slimta.smtp._events.Auth` event waits.
+        """
+        if self._pending_verb != "AUTH" or self._pending is None:
+            raise RuntimeError("challenge() outside an AUTH exchange")
+        self._pending = None
+        self._queue("334", text)
+        self.state = State.AUTH
+
+    def close(self, code: str, message: str, newline_first: bool = False) -> None:
+        """Queue a last reply (timeout, shutdown, failure) and end the session."""
+        self._pending = None
+        if self.state is not State.CLOSED:
+            self._queue(code, message, newline_first)
+            self.state = State.CLOSED
+
+    def count_error(self) -> None:
+        """Count a failure decided by the caller (e.g. a refused AUTH)."""
+        self._count_error()
+
+    # --------------------------------------------------------------- events
+    def next_event(self) -> ev.Event:
+        """The next thing the client did, or :class:`NeedData`/:class:`ConnectionClosed`."""
+        if self._pending is not None:
+            raise RuntimeError(f"{self._pending!r} is still waiting for respond()")
+        while True:
+            state = self.state
+            if state is State.CLOSED:
+                return _CLOSED
+            if state is State.GREETING:
+                raise RuntimeError("greet() must come first")
+            if state is State.DATA:
+                event = self._next_data_event()
+            elif state is State.BDAT:
+                event = self._next_bdat_event()
+            else:
+                line = self._buf.extract_line(AUTH_LINE_LIMIT)
+                if line is None:
+                    event = None
+                elif line is LINE_TOO_LONG:
+                    self._error(*_R_TOO_LONG)
+                    continue
+                else:
+                    assert isinstance(line, bytes)
+                    event = self._handle_line(line)
+                    if event is None:
+                        continue
+            if event is not None:
+                return event
+            if self.state is not state:
+                continue
+            if self._eof:
+                self.state = State.CLOSED
+                return _CLOSED
+            return _NEED_DATA
+
+    # ------------------------------------------------------------- commands
+    def _handle_line(self, raw: bytes) -> ev.Event | None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(*_R_BAD_UTF8)
+            return None
+        if self.state is State.AUTH:
+            return self._auth_line(line)
+        if _CONTROL.search(line):
+            if "\n" in line or "\r" in line:
+                self._error(*_R_BARE_NEWLINE)
+            else:
+                self._error(*_R_BAD_CHARS)
+            return None
+        match = _VERB.match(line)
+        if match is None:
+            self._error(*_R_SYNTAX)
+            return None
+        verb = match.group(1).upper()
+        arg = match.group(2)
+        if arg is not None:
+            arg = arg.strip(" \t")
+        limit = _LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT)
+        if len(raw) > limit:
+            self._error(*_R_TOO_LONG)
+            return None
+        if verb == "BDAT":
+            # The chunk octets follow whatever the verdict: parse first.
+            return self._bdat_command(arg)
+        if verb not in KNOWN_VERBS:
+            return self._expect(verb, ev.UnknownCommand(verb, arg or None))
+        if self.state not in ALLOWED[verb]:
+            self._sequence_error(verb)
+            return None
+        handler = _COMMANDS[verb]
+        return handler(self, arg)
+
+    def _expect(self, verb: str, event: ev.Event) -> ev.Event:
+        self._pending = event
+        self._pending_verb = verb
+        return event
+
+    def _hello(self, arg: str | None, verb: str) -> ev.Event | None:
+        if not arg:
+            self._error(*_R_NEED_ARG)
+            return None
+        return self._expect(verb, ev.Ehlo(arg) if verb == "EHLO" else ev.Helo(arg))
+
+    def _ehlo(self, arg: str | None) -> ev.Event | None:
+        return self._hello(arg, "EHLO")
+
+    def _helo(self, arg: str | None) -> ev.Event | None:
+        return self._hello(arg, "HELO")
+
+    def _mail(self, arg: str | None) -> ev.Event | None:
+        try:
+            address, rest = parse_mail_argument(arg or "")
+            params = parse_params(rest)
+            self._check_mail_params(params)
+            if not address.isascii() and b"SMTPUTF8" not in params:
+                raise ArgumentError(*_R_UTF8_ADDRESS)
+        except ArgumentError as exc:
+            self._error(exc.code, exc.message)
+            return None
+        return self._expect("MAIL", ev.MailFrom(address, params))
+
+    def _check_mail_params(self, params: dict[bytes, bytes | bool]) -> None:
+        ext = self.extensions
+        for key, value in params.items():
+            if key == b"SIZE" and "SIZE" in ext:
+                if value is True or not value.isdigit():  # type: ignore[union-attr]
+                    raise ArgumentError(*_R_SIZE_SYNTAX)
+                limit = ext.getparam("SIZE", int)
+                if limit and int(value) > limit:
+                    raise ArgumentError("552", f"5.3.4 Message size exceeds {limit} limit")
+            elif key == b"BODY" and "8BITMIME" in ext:
+                body = value.upper() if value is not True else b""  # type: ignore[union-attr]
+                binary_ok = "CHUNKING" in ext and "BINARYMIME" in ext
+                if body not in (b"7BIT", b"8BITMIME") and not (body == b"BINARYMIME" and binary_ok):
+                    raise ArgumentError(*_R_BODY)
+            elif key == b"SMTPUTF8" and "SMTPUTF8" in ext:
+                if value is not True:
+                    raise ArgumentError("501", "5.5.4 SMTPUTF8 takes no value")
+            elif key == b"AUTH" and "AUTH" in ext:
+                # RFC 4954 section 5: an xtext mailbox or <>; kept for the caller.
+                if value is True or (value != b"<>" and not _XTEXT.match(value)):  # type: ignore[arg-type]
+                    raise ArgumentError(*_R_AUTH_PARAM)
+            else:
+                name = key.decode("ascii")
+                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+
+    def _rcpt(self, arg: str | None) -> ev.Event | None:
+        try:
+            address, rest = parse_rcpt_argument(arg or "")
+            params = parse_params(rest)
+            for key in params:
+                name = key.decode("ascii")
+                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+            if not address.isascii() and not self._utf8:
+                raise ArgumentError(*_R_UTF8_ADDRESS)
+        except ArgumentError as exc:
+            self._error(exc.code, exc.message)
+            return None
+        if self._rcpt_count >= self.max_recipients:
+            self._queue(*_R_TOO_MANY_RCPTS)
+            return None
+        return self._expect("RCPT", ev.RcptTo(address, params))
+
+    def _data(self, arg: str | None) -> ev.Event | None:
+        if arg:
+            self._error(*_R_NO_ARG)
+            return None
+        if self._chunking:
+            self._error(*_R_DATA_AFTER_BDAT)
+            return None
+        if self._binary:
+            self._error(*_R_BINARY_DATA)
+            return None
+        return self._expect("DATA", _DATA)
+
+    def _no_arg(self, verb: str, arg: str | None, event: ev.Event) -> ev.Event | None:
+        if arg:
+            self._error(*_R_NO_ARG)
+            return None
+        return self._expect(verb, event)
+
+    def _rset(self, arg: str | None) -> ev.Event | None:
+        return self._no_arg("RSET", arg, _RSET)
+
+    def _quit(self, arg: str | None) -> ev.Event | None:
+        return self._no_arg("QUIT", arg, _QUIT)
+
+    def _noop(self, arg: str | None) -> ev.Event | None:
+        return self._expect("NOOP", _NOOP)
+
+    def _vrfy(self, arg: str | None) -> ev.Event | None:
+        if not arg:
+            self._error(*_R_NEED_ARG)
+            return None
+        return self._expect("VRFY", ev.Vrfy(arg))
+
+    def _starttls(self, arg: str | None) -> ev.Event | None:
+        if self.encrypted:
+            self._error(*_R_TLS_ACTIVE)
+            return None
+        if "STARTTLS" not in self.extensions:
+            self._error(*_R_NOT_OFFERED)
+            return None
+        if arg:
+            self._error("501", "5.5.4 Syntax: STARTTLS")
+            return None
+        return self._expect("STARTTLS", _STARTTLS)
+
+    def _auth(self, arg: str | None) -> ev.Event | None:
+        if "AUTH" not in self.extensions:
+            self._error(*_R_NOT_OFFERED)
+            return None
+        if self.authenticated:
+            self._error(*_R_AUTHED)
+            return None
+        if not arg:
+            self._error("501", "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return None
+        mechanism, _, initial = arg.partition(" ")
+        initial = initial.strip(" ")
+        if " " in initial:
+            self._error("501", "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return None
+        return self._expect("AUTH", ev.Auth(mechanism.upper(), initial or None))
+
+    def _auth_line(self, line: str) -> ev.Event:
+        self._pending = ev.AuthResponse(line)
+        self._pending_verb = "AUTH"
+        return self._pending
+
+    # ----------------------------------------------------------------- DATA
+    def _next_data_event(self) -> ev.Event | None:
+        buf = self._buf
+        limit = self.data_line_limit
+        while True:
+            chunk = buf.extract_data(limit)
+            if chunk is None:
+                return None
+            if not self._too_big:
+                size = self._size + len(chunk.data)
+                self._size = size
+                max_size = self.extensions.getparam("SIZE", int)
+                if max_size and size > max_size:
+                    self._too_big = True
+                    self._parts.clear()
+                else:
+                    self._parts.append(chunk.data)
+            if chunk.bare_newline:
+                self._bare = True
+            if chunk.longest_line > self._longest:
+                self._longest = chunk.longest_line
+            if chunk.ended:
+                return self._message_event()
+
+    def _message_event(self) -> ev.Event:
+        if self._too_big:
+            event: ev.Event = ev.MessageRefused(*_R_TOO_BIG, too_big=True)
+        elif self._bare:
+            event = ev.MessageRefused(*_R_BARE_IN_DATA, too_big=False)
+        elif self._longest > self.data_line_limit and not self._binary:
+            event = ev.MessageRefused(*_R_LONG_DATA_LINE, too_big=False)
+        else:
+            parts = self._parts
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            event = ev.MessageReceived(data)
+        self._parts = []
+        self.state = State.RCPT
+        return self._expect("DATA", event)
+
+    # ----------------------------------------------------------------- BDAT
+    def _bdat_command(self, arg: str | None) -> ev.Event | None:
+        match = _BDAT.match(arg or "")
+        if match is None:
+            # The stream can no longer be followed: answer and hang up.
+            self.close(*_R_BDAT_SYNTAX)
+            return None
+        self._bdat_remaining = int(match.group(1))
+        self._bdat_last = match.group(2) is not None
+        state = self.state
+        self._return_state = state
+        self.state = State.BDAT
+        reply: tuple[str, str] | None = None
+        if "CHUNKING" not in self.extensions:
+            reply = _R_NOT_OFFERED
+        elif state not in ALLOWED["BDAT"]:
+            reply = _BDAT_SEQUENCE.get(state, _R_SEQUENCE)
+        elif self._failed:
+            # The client pipelined more chunks of a refused message.
+            self._bdat_reply = _R_SEQUENCE
+            self._bdat_last = False
+            return None
+        if reply is not None:
+            self._count_error()
+            self._bdat_reply = reply
+            self._bdat_last = False
+            return None
+        if not self._chunking:
+            self._chunking = True
+            return self._expect("DATA", _DATA_CHUNKING)
+        return None
+
+    def _answer_first_chunk(self, code: str, message: str) -> None:
+        if code[0] != "3":
+            self._bdat_reply = (code, message)
+            self._failed = True
+            self._bdat_last = False
+
+    def _next_bdat_event(self) -> ev.Event | None:
+        remaining = self._bdat_remaining
+        if remaining:
+            data = self._buf.extract_exact(remaining)
+            remaining -= len(data)
+            self._bdat_remaining = remaining
+            if self._bdat_reply is None and not self._too_big:
+                size = self._size + len(data)
+                self._size = size
+                max_size = self.extensions.getparam("SIZE", int)
+                if max_size and size > max_size:
+                    self._too_big = True
+                    self._parts.clear()
+                else:
+                    self._parts.append(data)
+            if remaining:
+                return None
+        self.state = self._return_state
+        reply = self._bdat_reply
+        if reply is not None:
+            self._bdat_reply = None
+            self._queue(*reply)
+            return None
+        if self._too_big:
+            self._failed = True
+            self._parts.clear()
+            self._queue(*_R_TOO_BIG_CHUNK)
+            return None
+        if not self._bdat_last:
+            self._queue("250", f"2.0.0 {self._size} octets received")
+            return None
+        if not self._binary:
+            data = b"".join(self._parts)
+            crlf = data.count(b"\r\n")
+            if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+                self._bare = True
+            elif len(data) > self.data_line_limit:
+                self._longest = max(map(len, data.split(b"\r\n")))
+            self._parts = [data]
+        return self._message_event()
+
+    # -------------------------------------------------------------- helpers
+    def _start_tls(self) -> None:
+        # RFC 3207 4.2 and CVE-2011-0411: forget everything, including any
+        # plaintext the client pipelined after STARTTLS.
+        self._buf.clear()
+        self._reset_transaction()
+        self.extensions.drop("STARTTLS")
+        self.encrypted = True
+        self.authenticated = False
+        self.state = State.HELLO
+
+    def _reset_transaction(self) -> None:
+        self._rcpt_count = 0
+        self._utf8 = False
+        self._binary = False
+        self._chunking = False
+        self._failed = False
+        self._size = 0
+        self._too_big = False
+        self._bare = False
+        self._longest = 0
+        self._parts = []
+        self._bdat_remaining = 0
+        self._bdat_last = False
+        self._bdat_reply = None
+        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT):
+            self.state = State.READY
+
+    def _end_transaction(self) -> None:
+        self._reset_transaction()
+        self.state = State.READY
+
+    def _require_state(self, state: State) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"not allowed in state {self.state.name}")
+
+    def _queue(self, code: str, message: str, newline_first: bool = False) -> None:
+        self._out.append(format_reply(code, message, newline_first))
+
+    def _count_error(self) -> None:
+        self.errors += 1
+        if self.errors >= self.max_errors and self.state is not State.CLOSED:
+            self._queue(*_R_TOO_MANY_ERRORS)
+            self.state = State.CLOSED
+
+    def _error(self, code: str, message: str) -> None:
+        self._queue(code, message)
+        self._count_error()
+
+    def _sequence_error(self, verb: str) -> None:
+        state = self.state
+        if state is State.HELLO and verb in ("MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"):
+            reply = _R_NEED_HELLO
+        elif verb == "MAIL" and state in (State.MAIL, State.RCPT):
+            reply = _R_NESTED_MAIL
+        elif verb in ("RCPT", "DATA") and state is State.READY:
+            reply = _R_NEED_MAIL
+        elif verb == "DATA" and state is State.MAIL:
+            reply = _R_NEED_RCPT
+        else:
+            reply = _R_SEQUENCE
+        self._error(*reply)
+
+
+_LINE_LIMITS = {"MAIL": PARAM_LINE_LIMIT, "RCPT": PARAM_LINE_LIMIT, "AUTH": AUTH_LINE_LIMIT}
+
+_BDAT_SEQUENCE = {State.HELLO: _R_NEED_HELLO, State.READY: _R_NEED_MAIL, State.MAIL: _R_NEED_RCPT}
+
+_COMMANDS = {
+    "EHLO": ServerConnection._ehlo,
+    "HELO": ServerConnection._helo,
+    "MAIL": ServerConnection._mail,
+    "RCPT": ServerConnection._rcpt,
+    "DATA": ServerConnection._data,
+    "RSET": ServerConnection._rset,
+    "NOOP": ServerConnection._noop,
+    "QUIT": ServerConnection._quit,
+    "VRFY": ServerConnection._vrfy,
+    "STARTTLS": ServerConnection._starttls,
+    "AUTH": ServerConnection._auth,
+}

@@ -1,0 +1,423 @@
+"""One SMTP server session over a gevent socket: the adapter over the core.
+
+:class:`Server` reads from the socket, feeds :class:`~slimta.smtp._server.ServerConnection`,
+calls the 4.0 handler callbacks (``EHLO``, ``MAIL``, ``HAVE_DATA``, ...) with a
+mutable :class:`~slimta.smtp.reply.Reply`, and writes the reply bytes. It owns
+timeouts and TLS wrapping; every SMTP rule lives in the core.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import Timeout
+
+from slimta import logging as slogging
+from slimta.logging import getSocketLogger
+from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
+from slimta.smtp import _events as ev
+from slimta.smtp._server import ServerConnection
+from slimta.smtp.extensions import Extensions
+from slimta.smtp.io import IO, RECV_SIZE
+from slimta.smtp.reply import Reply
+
+__all__ = ["Server"]
+
+log = getSocketLogger(__name__)
+
+#: Seconds a TLS handshake may take before the session is dropped.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+#: Verbs the handlers object may never be asked to serve as custom commands.
+_RESERVED = frozenset({"CLOSE", "TLSHANDSHAKE", "TLSHANDSHAKE2"})
+_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
+
+
+class _DataTimeout(Exception):
+    """The whole DATA transfer took longer than ``data_timeout``."""
+
+
+def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
+    # Build a Reply without re-validating constants known to be good.
+    reply = Reply.__new__(Reply)
+    reply._code = code
+    reply._esc = esc
+    reply._text = text
+    reply.command = None
+    reply.address = None
+    reply.newline_first = False
+    return reply
+
+
+class Server:
+    """Runs one SMTP server session on an accepted socket.
+
+    :param socket: the connected socket.
+    :param handlers: any object; the methods named in the 4.0 documentation
+        (``BANNER_``, ``EHLO``, ``HELO``, ``STARTTLS``, ``TLSHANDSHAKE``,
+        ``AUTH``, ``MAIL``, ``RCPT``, ``DATA``, ``HAVE_DATA``, ``RSET``,
+        ``NOOP``, ``QUIT``, ``VRFY``, custom verbs, ``CLOSE``) are called when
+        present, each with a :class:`Reply` it may change.
+    :param auth: ``False``, ``True`` or a list of SASL mechanism names.
+    :param context: a server :class:`ssl.SSLContext`; enables STARTTLS, or
+        implicit TLS with *tls_immediately*.
+    :param tls_immediately: wrap the socket before the banner (port 465).
+    :param command_timeout: seconds to wait for each command.
+    :param data_timeout: seconds for the whole message content; defaults to
+        *command_timeout*.
+    :param hostname: the server name used in the default greeting and EHLO
+        reply (RFC 5321 4.1.1.1, 4.3.1); defaults to the host's FQDN.
+    :param max_recipients: accepted RCPTs per message; beyond, 452 4.5.3.
+    :param max_errors: protocol errors per session before 421 4.7.0.
+    :param tls_handshake_timeout: seconds a TLS handshake may take.
+
+    .. versionchanged:: 4.0
+       *context* replaces the ``tls`` dict; keyword-only *hostname*,
+       *max_recipients*, *max_errors* and *tls_handshake_timeout* are new.
+    """
+
+    def __init__(
+        self,
+        socket: Any,
+        handlers: Any,
+        auth: bool | list[bytes] | list[str] = False,
+        context: ssl.SSLContext | None = None,
+        tls_immediately: bool = False,
+        command_timeout: float | None = None,
+        data_timeout: float | None = None,
+        *,
+        hostname: str | None = None,
+        address: Any = None,
+        max_recipients: int = 1000,
+        max_errors: int = 20,
+        tls_handshake_timeout: float | None = TLS_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.handlers = handlers
+        self.io = IO(socket, address)
+        self.context = context
+        self.tls_immediately = tls_immediately
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout if data_timeout is not None else command_timeout
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.hostname = hostname or _default_hostname()
+        self.auth = auth
+        #: The ESMTP extensions EHLO advertises; change before :meth:`handle`.
+        self.extensions = ext = Extensions()
+        ext.add("8BITMIME")
+        ext.add("PIPELINING")
+        ext.add("ENHANCEDSTATUSCODES")
+        ext.add("SMTPUTF8")
+        ext.add("CHUNKING")
+        ext.add("BINARYMIME")
+        if context is not None and not tls_immediately:
+            ext.add("STARTTLS")
+        self._conn = ServerConnection(
+            ext, max_recipients=max_recipients, max_errors=max_errors, encrypted=False
+        )
+
+    # -------------------------------------------------------------- 4.0 state
+    @property
+    def encrypted(self) -> bool:
+        """True when the session runs under TLS."""
+        return self._conn.encrypted
+
+    @property
+    def bannered(self) -> bool:
+        """True once a 220 greeting was sent."""
+        return self._conn.state.name not in ("GREETING", "NO_SERVICE")
+
+    @property
+    def ehlo_as(self) -> str | None:
+        """The name given with the last accepted EHLO/HELO."""
+        return getattr(self, "_ehlo_as", None)
+
+    @property
+    def have_mailfrom(self) -> bool:
+        """True while a MAIL command is accepted."""
+        return self._conn.state.name in ("MAIL", "RCPT", "DATA", "BDAT")
+
+    @property
+    def have_rcptto(self) -> bool:
+        """True once a recipient is accepted in the current transaction."""
+        return self._conn.state.name in ("RCPT", "DATA", "BDAT")
+
+    @property
+    def authed(self) -> bool:
+        """True after a successful AUTH."""
+        return self._conn.authenticated
+
+    # ----------------------------------------------------------------- public
+    def handle(self) -> None:
+        """Run the session until QUIT, a 221/421 reply, or disconnect.
+
+        :raises ConnectionLost: when the peer disconnects or times out.
+        """
+        conn = self._conn
+        if self.tls_immediately:
+            if self.context is None:
+                raise ValueError("tls_immediately needs a context")
+            if not self._encrypt():
+                raise ConnectionLost()
+        self._greet()
+        sock = self.io.socket
+        sock.settimeout(self.command_timeout)
+        try:
+            self._loop(conn)
+        except Timeout as exc:
+            if not isinstance(exc, _DataTimeout):
+                raise
+            self._send_timeout(conn)
+        except TimeoutError:
+            self._send_timeout(conn)
+        except gevent.GreenletExit:
+            self._final_reply(conn, "421", "4.3.2 Service shutting down")
+            raise
+
+    def _loop(self, conn: ServerConnection) -> None:
+        handlers = self.handlers
+        io = self.io
+        while True:
+            event = conn.next_event()
+            cls = event.__class__
+            if cls is ev.NeedData:
+                out = conn.data_to_send()
+                if out:
+                    io.raw_send(out)
+                data = self._recv(conn)
+                conn.receive_data(data)
+                if len(data) == RECV_SIZE:
+                    # A flood of input must not starve the other sessions.
+                    gevent.sleep(0)
+                continue
+            if cls is ev.ConnectionClosed:
+                out = conn.data_to_send()
+                if out:
+                    io.raw_send(out)
+                close = getattr(handlers, "CLOSE", None)
+                if close is not None:
+                    close()
+                return
+            self._dispatch(conn, event, handlers)
+
+    # --------------------------------------------------------------- helpers
+    def _recv(self, conn: ServerConnection) -> bytes:
+        io = self.io
+        if conn.state.name == "DATA" or conn.state.name == "BDAT":
+            return self._recv_data(conn)
+        try:
+            data: bytes = io.socket.recv(RECV_SIZE)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ConnectionLost() from exc
+        if not data:
+            raise ConnectionLost()
+        log.recv(io.socket, data)
+        return data
+
+    def _recv_data(self, conn: ServerConnection) -> bytes:
+        # data_timeout bounds the whole transfer, not each read.
+        deadline = getattr(self, "_data_deadline", None)
+        if deadline is None:
+            deadline = self._data_deadline = Timeout(self.data_timeout, _DataTimeout)
+            deadline.start()
+        sock = self.io.socket
+        sock.settimeout(None)
+        try:
+            data: bytes = sock.recv(RECV_SIZE)
+        except OSError as exc:
+            raise ConnectionLost() from exc
+        finally:
+            sock.settimeout(self.command_timeout)
+        if not data:
+            raise ConnectionLost()
+        log.recv(sock, data)
+        return data
+
+    def _end_data_deadline(self) -> None:
+        deadline = getattr(self, "_data_deadline", None)
+        if deadline is not None:
+            deadline.close()
+            self._data_deadline = None
+
+    def _send_timeout(self, conn: ServerConnection) -> None:
+        self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
+        raise ConnectionLost("Connection timed out")
+
+    def _final_reply(
+        self, conn: ServerConnection, code: str, message: str, newline_first: bool = False
+    ) -> None:
+        conn.close(code, message, newline_first)
+        try:
+            self.io.socket.settimeout(5.0)
+            self.io.raw_send(conn.data_to_send())
+        except (OSError, ConnectionLost):
+            pass
+
+    def _greet(self) -> None:
+        reply = _reply("220", False, f"{self.hostname} ESMTP slimta")
+        self._call("BANNER_", reply)
+        self._conn.greet(reply.code or "421", reply.message or "")
+
+    def _call(self, name: str, reply: Reply, *args: Any) -> None:
+        method = getattr(self.handlers, name, None)
+        if method is None:
+            return
+        try:
+            method(reply, *args)
+        except (ConnectionLost, Timeout, gevent.GreenletExit):
+            raise
+        except Exception:
+            slogging.log_exception(__name__)
+            reply.code = "451"
+            reply.message = "4.3.0 Unhandled system error"
+
+    def _dispatch(self, conn: ServerConnection, event: ev.Event, handlers: Any) -> None:
+        cls = event.__class__
+        handler = _DISPATCH.get(cls)
+        if handler is None:
+            raise RuntimeError(f"unexpected event {event!r}")
+        handler(self, conn, event)
+
+    def _respond(self, conn: ServerConnection, reply: Reply) -> None:
+        conn.respond(reply.code or "451", reply.message or "", reply.newline_first)
+
+    def _on_ehlo(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
+        self._call("EHLO", reply, event.name)
+        if reply.code == "250":
+            self._ehlo_as = event.name
+        self._respond(conn, reply)
+
+    def _on_helo(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
+        self._call("HELO", reply, event.name)
+        if reply.code == "250":
+            self._ehlo_as = event.name
+        self._respond(conn, reply)
+
+    def _on_mail(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", "2.1.0", f"Sender <{event.address}> Ok")
+        self._call("MAIL", reply, event.address, event.params)
+        self._respond(conn, reply)
+
+    def _on_rcpt(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", "2.1.5", f"Recipient <{event.address}> Ok")
+        self._call("RCPT", reply, event.address, event.params)
+        self._respond(conn, reply)
+
+    def _on_data(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("354", False, "Start mail input; end with <CRLF>.<CRLF>")
+        self._call("DATA", reply)
+        self._respond(conn, reply)
+
+    def _on_message(self, conn: ServerConnection, event: Any) -> None:
+        self._end_data_deadline()
+        reply = _reply("250", "2.6.0", "Message accepted for delivery")
+        self._call("HAVE_DATA", reply, event.data, None)
+        self._respond(conn, reply)
+
+    def _on_refused(self, conn: ServerConnection, event: Any) -> None:
+        self._end_data_deadline()
+        reply = Reply(event.code, event.message)
+        err: Exception = MessageTooBig() if event.too_big else RemoteProtocolError(reply)
+        self._call("HAVE_DATA", reply, None, err)
+        self._respond(conn, reply)
+
+    def _on_rset(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", "2.0.0", "Ok")
+        self._call("RSET", reply)
+        self._respond(conn, reply)
+
+    def _on_noop(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("250", "2.0.0", "Ok")
+        self._call("NOOP", reply)
+        self._respond(conn, reply)
+
+    def _on_quit(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("221", "2.0.0", "Bye")
+        self._call("QUIT", reply)
+        self._respond(conn, reply)
+
+    def _on_vrfy(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply(
+            "252", "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"
+        )
+        self._call("VRFY", reply, event.argument, self)
+        self._respond(conn, reply)
+
+    def _on_unknown(self, conn: ServerConnection, event: Any) -> None:
+        if event.verb in _NOT_IMPLEMENTED:
+            reply = _reply("502", "5.5.1", "Command not implemented")
+        else:
+            reply = _reply("500", "5.5.1", "Command unrecognized")
+        if event.verb not in _RESERVED:
+            self._call(event.verb, reply, event.argument, self)
+        self._respond(conn, reply)
+
+    def _on_starttls(self, conn: ServerConnection, event: Any) -> None:
+        reply = _reply("220", "2.0.0", "Ready to start TLS")
+        self._call("STARTTLS", reply, self.extensions)
+        self._respond(conn, reply)
+        if reply.code != "220" or conn.closed:
+            return
+        # The core has already dropped any plaintext pipelined after STARTTLS.
+        self.io.raw_send(conn.data_to_send())
+        if not self._encrypt():
+            raise ConnectionLost("TLS handshake failed")
+        self._ehlo_as = None
+        self.io.socket.settimeout(self.command_timeout)
+
+    def _on_auth(self, conn: ServerConnection, event: Any) -> None:
+        # SASL exchanges are served by the AUTH support (slimta.smtp.auth).
+        reply = _reply("504", "5.5.4", "Invalid authentication mechanism")
+        self._respond(conn, reply)
+
+    def _encrypt(self) -> bool:
+        context = self.context
+        assert context is not None
+        io = self.io
+        try:
+            with Timeout(self.tls_handshake_timeout, False):
+                io.socket.settimeout(None)
+                if io.encrypt_socket_server(context):
+                    self._conn.encrypted = True
+                    method = getattr(self.handlers, "TLSHANDSHAKE", None)
+                    if method is not None:
+                        method()
+                    return True
+                return False
+        except OSError as exc:
+            log.error(io.socket, exc, io.address)
+        return False
+
+
+_DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
+    ev.Ehlo: Server._on_ehlo,
+    ev.Helo: Server._on_helo,
+    ev.MailFrom: Server._on_mail,
+    ev.RcptTo: Server._on_rcpt,
+    ev.Data: Server._on_data,
+    ev.MessageReceived: Server._on_message,
+    ev.MessageRefused: Server._on_refused,
+    ev.Rset: Server._on_rset,
+    ev.Noop: Server._on_noop,
+    ev.Quit: Server._on_quit,
+    ev.Vrfy: Server._on_vrfy,
+    ev.UnknownCommand: Server._on_unknown,
+    ev.StartTls: Server._on_starttls,
+    ev.Auth: Server._on_auth,
+}
+
+_FQDN: str | None = None
+
+
+def _default_hostname() -> str:
+    # getfqdn() can cost a DNS lookup: do it once per process.
+    global _FQDN
+    if _FQDN is None:
+        _FQDN = _socket.getfqdn()
+    return _FQDN
