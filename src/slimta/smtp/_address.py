@@ -7,6 +7,7 @@ whether non-ASCII is allowed in the transaction. Parameters are
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 __all__ = ["ArgumentError", "parse_mail_argument", "parse_params", "parse_rcpt_argument"]
@@ -28,6 +29,10 @@ _POSTMASTER = re.compile(r"<(postmaster)>", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _PREFIX_SPACES = re.compile(r" *")
+_BAD_SENDER = ("501", "5.1.7 Bad sender address syntax")
+_BAD_RECIPIENT = ("501", "5.1.3 Bad recipient address syntax")
+#: Standardized-tag of a general address literal (RFC 5321 4.1.3).
+_GENERAL_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?")
 
 
 class ArgumentError(ValueError):
@@ -68,7 +73,8 @@ def parse_mail_argument(arg: str) -> tuple[str, str]:
         return "", _after_path(rest, 2)
     match = _PATH.match(rest)
     if match is None:
-        raise ArgumentError("501", "5.1.7 Bad sender address syntax")
+        raise ArgumentError(*_BAD_SENDER)
+    _check_literal(match.group(1), _BAD_SENDER)
     return match.group(1), _after_path(rest, match.end())
 
 
@@ -80,8 +86,30 @@ def parse_rcpt_argument(arg: str) -> tuple[str, str]:
     rest = _split_prefix(arg, "TO:")
     match = _PATH.match(rest) or _POSTMASTER.match(rest)
     if match is None:
-        raise ArgumentError("501", "5.1.3 Bad recipient address syntax")
+        raise ArgumentError(*_BAD_RECIPIENT)
+    _check_literal(match.group(1), _BAD_RECIPIENT)
     return match.group(1), _after_path(rest, match.end())
+
+
+def _check_literal(address: str, reply: tuple[str, str]) -> None:
+    """Validate an address literal (RFC 5321 4.1.3), if the domain is one."""
+    at = address.rfind("@")
+    domain = address[at + 1 :]
+    if not domain.startswith("["):
+        return
+    content = domain[1:-1]
+    try:
+        if content[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(content[5:])
+            return
+        if ":" in content:
+            tag = content.partition(":")[0]
+            if _GENERAL_TAG.fullmatch(tag):
+                return
+            raise ValueError(tag)
+        ipaddress.IPv4Address(content)
+    except ValueError:
+        raise ArgumentError(*reply) from None
 
 
 def _after_path(rest: str, end: int) -> str:

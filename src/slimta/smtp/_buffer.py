@@ -84,9 +84,13 @@ class ReceiveBuffer:
         """
         buf = self._buf
         end = buf.find(b"\r\n", 0, limit + 2 if not self._discarding else len(buf))
+        if end < 0 and len(buf) > limit + 1:
+            # Too long already: its end may still be in the buffer, and
+            # pipelined commands after it must survive.
+            end = buf.find(b"\r\n", limit)
+            self._discarding = True
         if end < 0:
-            if self._discarding or len(buf) > limit + 1:
-                self._discarding = True
+            if self._discarding:
                 # Keep a trailing CR: its LF may be in the next read.
                 keep = 1 if buf.endswith(b"\r") else 0
                 del buf[: len(buf) - keep]

@@ -33,7 +33,22 @@ from slimta.smtp._address import (
 )
 from slimta.smtp._buffer import LINE_TOO_LONG, ReceiveBuffer
 from slimta.smtp._reply import format_reply
-from slimta.smtp._state import ALLOWED, KNOWN_VERBS, State, after_success
+from slimta.smtp._state import (
+    ALLOWED,
+    KNOWN_VERBS,
+    ST_AUTH,
+    ST_BDAT,
+    ST_CLOSED,
+    ST_DATA,
+    ST_GREETING,
+    ST_HELLO,
+    ST_MAIL,
+    ST_NO_SERVICE,
+    ST_RCPT,
+    ST_READY,
+    State,
+    after_success,
+)
 from slimta.smtp.extensions import Extensions
 
 __all__ = ["ServerConnection"]
@@ -68,6 +83,8 @@ _R_SEQUENCE = ("503", "5.5.1 Bad sequence of commands")
 _R_NOT_OFFERED = ("502", "5.5.1 Command not implemented")
 _R_TLS_ACTIVE = ("503", "5.5.1 TLS already active")
 _R_AUTHED = ("503", "5.5.1 Already authenticated")
+_R_AUTH_TOO_LONG = ("500", "5.5.6 Authentication exchange line is too long")
+_R_AUTH_BAD_LINE = ("501", "5.5.2 Invalid authentication response")
 _R_BDAT_SYNTAX = ("521", "5.5.4 Syntax: BDAT count [LAST]; closing connection")
 _R_DATA_AFTER_BDAT = ("503", "5.5.1 Bad sequence of commands: DATA after BDAT")
 _R_BINARY_DATA = ("503", "5.5.1 Bad sequence of commands: BODY=BINARYMIME needs BDAT")
@@ -169,13 +186,13 @@ class ServerConnection:
         #: Protocol errors counted so far.
         self.errors = 0
         #: Where the session is; see :mod:`slimta.smtp._state`.
-        self.state = State.GREETING
+        self.state = ST_GREETING
         self._buf = ReceiveBuffer()
         self._out: list[bytes] = []
         self._eof = False
         self._pending: ev.Event | None = None
         self._pending_verb = ""
-        self._return_state = State.READY
+        self._return_state = ST_READY
         self._reset_transaction()
 
     # ------------------------------------------------------------------ I/O
@@ -198,19 +215,19 @@ class ServerConnection:
     @property
     def closed(self) -> bool:
         """True once the session is over; flush :meth:`data_to_send` and close."""
-        return self.state is State.CLOSED
+        return self.state is ST_CLOSED
 
     # ------------------------------------------------------------ decisions
     def greet(self, code: str, message: str) -> None:
         """Send the greeting; only 220 opens the session (RFC 5321 3.1)."""
-        self._require_state(State.GREETING)
+        self._require_state(ST_GREETING)
         self._queue(code, message)
         if code == "220":
-            self.state = State.HELLO
+            self.state = ST_HELLO
         elif code in ("221", "421"):
-            self.state = State.CLOSED
+            self.state = ST_CLOSED
         else:
-            self.state = State.NO_SERVICE
+            self.state = ST_NO_SERVICE
 
     def respond(self, code: str, message: str, newline_first: bool = False) -> None:
         """Answer the event last returned by :meth:`next_event`.
@@ -220,52 +237,60 @@ class ServerConnection:
         event = self._pending
         if event is None:
             raise RuntimeError("respond() without an event waiting for a reply")
+        if len(code) != 3 or code[0] not in "12345" or not code.isascii() or not code.isdigit():
+            raise ValueError(f"invalid SMTP reply code {code!r}")
         self._pending = None
         verb = self._pending_verb
-        first = code[0]
-        if code in ("221", "421"):
+        if code == "221" or code == "421":
             self._queue(code, message, newline_first)
-            self.state = State.CLOSED
+            self.state = ST_CLOSED
             return
-        if verb == "DATA" and isinstance(event, ev.Data) and event.chunking:
-            self._answer_first_chunk(code, message)
-            return
-        if isinstance(event, ev.MessageReceived | ev.MessageRefused):
+        positive = code[0] in "23"
+        if verb == "DATA":
+            if event is _DATA_CHUNKING:
+                self._answer_first_chunk(code, message)
+                return
+            if event is not _DATA:
+                # The verdict on a message: the transaction is over either way.
+                self._queue(code, message, newline_first)
+                self._end_transaction()
+                return
+            if positive:
+                self._buf.start_data()
+        elif verb == "AUTH":
             self._queue(code, message, newline_first)
-            self._end_transaction()
-            return
-        if verb == "AUTH":
-            self._queue(code, message, newline_first)
-            self.state = State.READY
+            self.state = ST_READY
             if code == "235":
                 self.authenticated = True
-            elif first == "5":
+            elif code[0] == "5":
                 self._count_error()
             return
-        if first in "23":
-            if verb == "EHLO" and code == "250":
-                message = self.extensions.build_string(message)
-            elif verb == "STARTTLS":
-                self._queue(code, message, newline_first)
-                if code == "220":
-                    self._start_tls()
-                return
+        elif not positive:
             self._queue(code, message, newline_first)
-            if verb in ("EHLO", "HELO", "RSET"):
-                self._reset_transaction()
-            elif verb == "MAIL":
-                assert isinstance(event, ev.MailFrom)
-                self._utf8 = b"SMTPUTF8" in event.params
-                self._binary = event.params.get(b"BODY", b"").upper() == b"BINARYMIME"  # type: ignore[union-attr]
-            elif verb == "RCPT":
-                self._rcpt_count += 1
-            elif verb == "DATA":
-                self._buf.start_data()
-            self.state = after_success(verb, self.state)
+            if verb not in KNOWN_VERBS and code[0] == "5":
+                self._count_error()
+            return
+        elif verb == "MAIL":
+            params = event.params  # type: ignore[attr-defined]
+            self._utf8 = b"SMTPUTF8" in params
+            body = params.get(b"BODY")
+            self._binary = body is not None and body is not True and body.upper() == b"BINARYMIME"
+        elif verb == "RCPT":
+            self._rcpt_count += 1
+        elif verb == "EHLO":
+            if code == "250":
+                message = self.extensions.build_string(message)
+            self._reset_transaction()
+        elif verb in ("HELO", "RSET"):
+            self._reset_transaction()
+        elif verb == "STARTTLS":
+            self._queue(code, message, newline_first)
+            if code == "220":
+                self._start_tls()
             return
         self._queue(code, message, newline_first)
-        if isinstance(event, ev.UnknownCommand) and first == "5":
-            self._count_error()
+        if positive:
+            self.state = after_success(verb, self.state)
 
     def challenge(self, text: str) -> None:
         """Send a ``334`` SASL challenge (base64 *text*) and await its answer.
@@ -275,15 +300,16 @@ class ServerConnection:
         if self._pending_verb != "AUTH" or self._pending is None:
             raise RuntimeError("challenge() outside an AUTH exchange")
         self._pending = None
-        self._queue("334", text)
-        self.state = State.AUTH
+        # RFC 4954 4: "334" SP [base64], the space even when the text is empty.
+        self._out.append(b"334 " + text.encode("ascii") + b"\r\n")
+        self.state = ST_AUTH
 
     def close(self, code: str, message: str, newline_first: bool = False) -> None:
         """Queue a last reply (timeout, shutdown, failure) and end the session."""
         self._pending = None
-        if self.state is not State.CLOSED:
+        if self.state is not ST_CLOSED:
             self._queue(code, message, newline_first)
-            self.state = State.CLOSED
+            self.state = ST_CLOSED
 
     def count_error(self) -> None:
         """Count a failure decided by the caller (e.g. a refused AUTH)."""
@@ -296,20 +322,23 @@ class ServerConnection:
             raise RuntimeError(f"{self._pending!r} is still waiting for respond()")
         while True:
             state = self.state
-            if state is State.CLOSED:
+            if state is ST_CLOSED:
                 return _CLOSED
-            if state is State.GREETING:
+            if state is ST_GREETING:
                 raise RuntimeError("greet() must come first")
-            if state is State.DATA:
+            if state is ST_DATA:
                 event = self._next_data_event()
-            elif state is State.BDAT:
+            elif state is ST_BDAT:
                 event = self._next_bdat_event()
             else:
                 line = self._buf.extract_line(AUTH_LINE_LIMIT)
                 if line is None:
                     event = None
                 elif line is LINE_TOO_LONG:
-                    self._error(*_R_TOO_LONG)
+                    if state is ST_AUTH:
+                        self._end_auth(*_R_AUTH_TOO_LONG)
+                    else:
+                        self._error(*_R_TOO_LONG)
                     continue
                 else:
                     assert isinstance(line, bytes)
@@ -321,7 +350,7 @@ class ServerConnection:
             if self.state is not state:
                 continue
             if self._eof:
-                self.state = State.CLOSED
+                self.state = ST_CLOSED
                 return _CLOSED
             return _NEED_DATA
 
@@ -330,11 +359,16 @@ class ServerConnection:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self._error(*_R_BAD_UTF8)
+            if self.state is ST_AUTH:
+                self._end_auth(*_R_AUTH_BAD_LINE)
+            elif not self._refuse_bdat(raw):
+                self._error(*_R_BAD_UTF8)
             return None
-        if self.state is State.AUTH:
+        if self.state is ST_AUTH:
             return self._auth_line(line)
         if _CONTROL.search(line):
+            if self._refuse_bdat(raw):
+                return None
             if "\n" in line or "\r" in line:
                 self._error(*_R_BARE_NEWLINE)
             else:
@@ -350,7 +384,8 @@ class ServerConnection:
             arg = arg.strip(" \t")
         limit = _LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT)
         if len(raw) > limit:
-            self._error(*_R_TOO_LONG)
+            if not self._refuse_bdat(raw):
+                self._error(*_R_TOO_LONG)
             return None
         if verb == "BDAT":
             # The chunk octets follow whatever the verdict: parse first.
@@ -496,6 +531,19 @@ class ServerConnection:
             return None
         return self._expect("AUTH", ev.Auth(mechanism.upper(), initial or None))
 
+    def _end_auth(self, code: str, message: str) -> None:
+        # RFC 4954 4: a response that cannot be used fails the AUTH command.
+        self._pending = None
+        self.state = ST_READY
+        self._error(code, message)
+
+    def _refuse_bdat(self, raw: bytes) -> bool:
+        """A BDAT line too broken to parse: its octets cannot be skipped, so hang up."""
+        if raw[:5].upper() != b"BDAT ":
+            return False
+        self.close(*_R_BDAT_SYNTAX)
+        return True
+
     def _auth_line(self, line: str) -> ev.Event:
         self._pending = ev.AuthResponse(line)
         self._pending_verb = "AUTH"
@@ -537,7 +585,7 @@ class ServerConnection:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             event = ev.MessageReceived(data)
         self._parts = []
-        self.state = State.RCPT
+        self.state = ST_RCPT
         return self._expect("DATA", event)
 
     # ----------------------------------------------------------------- BDAT
@@ -551,7 +599,7 @@ class ServerConnection:
         self._bdat_last = match.group(2) is not None
         state = self.state
         self._return_state = state
-        self.state = State.BDAT
+        self.state = ST_BDAT
         reply: tuple[str, str] | None = None
         if "CHUNKING" not in self.extensions:
             reply = _R_NOT_OFFERED
@@ -628,7 +676,7 @@ class ServerConnection:
         self.extensions.drop("STARTTLS")
         self.encrypted = True
         self.authenticated = False
-        self.state = State.HELLO
+        self.state = ST_HELLO
 
     def _reset_transaction(self) -> None:
         self._rcpt_count = 0
@@ -644,12 +692,12 @@ class ServerConnection:
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_reply = None
-        if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT):
-            self.state = State.READY
+        if self.state in (ST_MAIL, ST_RCPT, ST_DATA, ST_BDAT):
+            self.state = ST_READY
 
     def _end_transaction(self) -> None:
         self._reset_transaction()
-        self.state = State.READY
+        self.state = ST_READY
 
     def _require_state(self, state: State) -> None:
         if self.state is not state:
@@ -660,9 +708,9 @@ class ServerConnection:
 
     def _count_error(self) -> None:
         self.errors += 1
-        if self.errors >= self.max_errors and self.state is not State.CLOSED:
+        if self.errors >= self.max_errors and self.state is not ST_CLOSED:
             self._queue(*_R_TOO_MANY_ERRORS)
-            self.state = State.CLOSED
+            self.state = ST_CLOSED
 
     def _error(self, code: str, message: str) -> None:
         self._queue(code, message)
@@ -670,13 +718,13 @@ class ServerConnection:
 
     def _sequence_error(self, verb: str) -> None:
         state = self.state
-        if state is State.HELLO and verb in ("MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"):
+        if state is ST_HELLO and verb in ("MAIL", "RCPT", "DATA", "STARTTLS", "AUTH"):
             reply = _R_NEED_HELLO
-        elif verb == "MAIL" and state in (State.MAIL, State.RCPT):
+        elif verb == "MAIL" and state in (ST_MAIL, ST_RCPT):
             reply = _R_NESTED_MAIL
-        elif verb in ("RCPT", "DATA") and state is State.READY:
+        elif verb in ("RCPT", "DATA") and state is ST_READY:
             reply = _R_NEED_MAIL
-        elif verb == "DATA" and state is State.MAIL:
+        elif verb == "DATA" and state is ST_MAIL:
             reply = _R_NEED_RCPT
         else:
             reply = _R_SEQUENCE
@@ -685,7 +733,7 @@ class ServerConnection:
 
 _LINE_LIMITS = {"MAIL": PARAM_LINE_LIMIT, "RCPT": PARAM_LINE_LIMIT, "AUTH": AUTH_LINE_LIMIT}
 
-_BDAT_SEQUENCE = {State.HELLO: _R_NEED_HELLO, State.READY: _R_NEED_MAIL, State.MAIL: _R_NEED_RCPT}
+_BDAT_SEQUENCE = {ST_HELLO: _R_NEED_HELLO, ST_READY: _R_NEED_MAIL, ST_MAIL: _R_NEED_RCPT}
 
 _COMMANDS = {
     "EHLO": ServerConnection._ehlo,

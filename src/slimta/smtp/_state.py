@@ -19,7 +19,22 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-__all__ = ["ALLOWED", "KNOWN_VERBS", "State", "after_success"]
+__all__ = [
+    "ALLOWED",
+    "KNOWN_VERBS",
+    "ST_AUTH",
+    "ST_BDAT",
+    "ST_CLOSED",
+    "ST_DATA",
+    "ST_GREETING",
+    "ST_HELLO",
+    "ST_MAIL",
+    "ST_NO_SERVICE",
+    "ST_RCPT",
+    "ST_READY",
+    "State",
+    "after_success",
+]
 
 
 class State(Enum):
@@ -47,22 +62,34 @@ class State(Enum):
     CLOSED = auto()
 
 
-_SERVING = frozenset({State.HELLO, State.READY, State.MAIL, State.RCPT})
-_GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
+# Plain module names for the members: Enum attribute lookups are slow on hot paths.
+ST_GREETING = State.GREETING
+ST_NO_SERVICE = State.NO_SERVICE
+ST_HELLO = State.HELLO
+ST_READY = State.READY
+ST_MAIL = State.MAIL
+ST_RCPT = State.RCPT
+ST_DATA = State.DATA
+ST_BDAT = State.BDAT
+ST_AUTH = State.AUTH
+ST_CLOSED = State.CLOSED
+
+_SERVING = frozenset({ST_HELLO, ST_READY, ST_MAIL, ST_RCPT})
+_GREETED = frozenset({ST_READY, ST_MAIL, ST_RCPT})
 
 #: The states in which each command verb is in sequence.
 ALLOWED: dict[str, frozenset[State]] = {
     "EHLO": _SERVING,
     "HELO": _SERVING,
-    "MAIL": frozenset({State.READY}),
-    "RCPT": frozenset({State.MAIL, State.RCPT}),
-    "DATA": frozenset({State.RCPT}),
-    "BDAT": frozenset({State.RCPT}),
-    "STARTTLS": frozenset({State.READY}),
-    "AUTH": frozenset({State.READY}),
+    "MAIL": frozenset({ST_READY}),
+    "RCPT": frozenset({ST_MAIL, ST_RCPT}),
+    "DATA": frozenset({ST_RCPT}),
+    "BDAT": frozenset({ST_RCPT}),
+    "STARTTLS": frozenset({ST_READY}),
+    "AUTH": frozenset({ST_READY}),
     "RSET": _SERVING,
     "NOOP": _SERVING,
-    "QUIT": _SERVING | {State.NO_SERVICE},
+    "QUIT": _SERVING | {ST_NO_SERVICE},
     "VRFY": _SERVING,
 }
 
@@ -73,13 +100,13 @@ KNOWN_VERBS = frozenset(ALLOWED)
 def after_success(verb: str, state: State) -> State:
     """The state after a positive (2xx/3xx) reply to *verb* in *state*."""
     if verb in ("EHLO", "HELO"):
-        return State.READY
+        return ST_READY
     if verb == "MAIL":
-        return State.MAIL
+        return ST_MAIL
     if verb == "RCPT":
-        return State.RCPT
+        return ST_RCPT
     if verb == "DATA":
-        return State.DATA
+        return ST_DATA
     if verb == "RSET":
-        return State.READY if state in _GREETED else state
+        return ST_READY if state in _GREETED else state
     return state

@@ -29,9 +29,9 @@ __all__ = [
     "unknown_parameter",
 ]
 
-_CODE = re.compile(r"^[1-5]\d\d$")
-_ESC = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-_ESC_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+_CODE = re.compile(r"[1-5][0-9][0-9]")
+_ESC = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+_ESC_PREFIX = re.compile(r"([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[ \t]+|\Z)")
 
 
 class Reply:
@@ -76,7 +76,7 @@ class Reply:
             self._code = None
             return
         value = str(value)
-        if not _CODE.match(value):
+        if not _CODE.fullmatch(value):
             raise ValueError("Invalid SMTP reply code", value)
         self._code = value
 
@@ -97,7 +97,7 @@ class Reply:
         if value is None or value is False:
             self._esc = value
             return
-        if value is True or not _ESC.match(value):
+        if value is True or not _ESC.fullmatch(value):
             raise ValueError("Invalid enhanced status code", value)
         self._esc = value
 
@@ -109,7 +109,7 @@ class Reply:
         esc = self.enhanced_status_code
         if esc is None:
             return text
-        if text is None:
+        if not text:
             return esc
         return f"{esc} {text}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket as _socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from slimta.logging import getSocketLogger
 from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
+from slimta.smtp._state import ST_BDAT, ST_DATA
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO, RECV_SIZE
 from slimta.smtp.reply import Reply
@@ -34,10 +36,6 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 #: Verbs the handlers object may never be asked to serve as custom commands.
 _RESERVED = frozenset({"CLOSE", "TLSHANDSHAKE", "TLSHANDSHAKE2"})
 _NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
-
-
-class _DataTimeout(Exception):
-    """The whole DATA transfer took longer than ``data_timeout``."""
 
 
 def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
@@ -114,6 +112,10 @@ class Server:
         ext.add("BINARYMIME")
         if context is not None and not tls_immediately:
             ext.add("STARTTLS")
+        self._raw_sock: Any = None
+        self._timeout: float | None = None
+        self._data_deadline: float | None = None
+        self._ehlo_as: str | None = None
         self._conn = ServerConnection(
             ext, max_recipients=max_recipients, max_errors=max_errors, encrypted=False
         )
@@ -132,7 +134,7 @@ class Server:
     @property
     def ehlo_as(self) -> str | None:
         """The name given with the last accepted EHLO/HELO."""
-        return getattr(self, "_ehlo_as", None)
+        return self._ehlo_as
 
     @property
     def have_mailfrom(self) -> bool:
@@ -162,14 +164,9 @@ class Server:
             if not self._encrypt():
                 raise ConnectionLost()
         self._greet()
-        sock = self.io.socket
-        sock.settimeout(self.command_timeout)
+        self._use_socket()
         try:
             self._loop(conn)
-        except Timeout as exc:
-            if not isinstance(exc, _DataTimeout):
-                raise
-            self._send_timeout(conn)
         except TimeoutError:
             self._send_timeout(conn)
         except gevent.GreenletExit:
@@ -178,14 +175,15 @@ class Server:
 
     def _loop(self, conn: ServerConnection) -> None:
         handlers = self.handlers
-        io = self.io
+        dispatch = _DISPATCH
+        need_data = ev.NeedData
         while True:
             event = conn.next_event()
             cls = event.__class__
-            if cls is ev.NeedData:
+            if cls is need_data:
                 out = conn.data_to_send()
                 if out:
-                    io.raw_send(out)
+                    self._send(out)
                 data = self._recv(conn)
                 conn.receive_data(data)
                 if len(data) == RECV_SIZE:
@@ -195,53 +193,68 @@ class Server:
             if cls is ev.ConnectionClosed:
                 out = conn.data_to_send()
                 if out:
-                    io.raw_send(out)
+                    self._send(out)
                 close = getattr(handlers, "CLOSE", None)
                 if close is not None:
                     close()
                 return
-            self._dispatch(conn, event, handlers)
+            dispatch[cls](self, conn, event)
 
     # --------------------------------------------------------------- helpers
+    def _use_socket(self) -> None:
+        sock = self.io.socket
+        raw = getattr(sock, "_sock", None)
+        # Only a plain gevent socket may be written through its inner socket.
+        self._raw_sock = raw if raw is not None and not isinstance(sock, ssl.SSLSocket) else None
+        self._timeout = self.command_timeout
+        sock.settimeout(self._timeout)
+
+    def _send(self, data: bytes) -> None:
+        raw = self._raw_sock
+        if raw is not None:
+            # Fast path: one non-blocking send() usually takes a whole reply;
+            # gevent's sendall() costs a getsockopt() and more per call.
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise ConnectionLost() from exc
+            if sent == len(data):
+                log.send(raw, data)
+                return
+            data = data[sent:]
+        self.io.raw_send(data)
+
     def _recv(self, conn: ServerConnection) -> bytes:
-        io = self.io
-        if conn.state.name == "DATA" or conn.state.name == "BDAT":
-            return self._recv_data(conn)
+        sock = self.io.socket
+        state = conn.state
+        timeout: float | None
+        if (state is ST_DATA or state is ST_BDAT) and self.data_timeout is not None:
+            # data_timeout bounds the whole transfer, not each read.
+            now = time.monotonic()
+            deadline = self._data_deadline
+            if deadline is None:
+                deadline = self._data_deadline = now + self.data_timeout
+            timeout = deadline - now
+            if timeout <= 0:
+                raise TimeoutError()
+        else:
+            self._data_deadline = None
+            timeout = self.command_timeout
+        if timeout != self._timeout:
+            sock.settimeout(timeout)
+            self._timeout = timeout
         try:
-            data: bytes = io.socket.recv(RECV_SIZE)
+            data: bytes = sock.recv(RECV_SIZE)
         except TimeoutError:
             raise
         except OSError as exc:
             raise ConnectionLost() from exc
         if not data:
             raise ConnectionLost()
-        log.recv(io.socket, data)
-        return data
-
-    def _recv_data(self, conn: ServerConnection) -> bytes:
-        # data_timeout bounds the whole transfer, not each read.
-        deadline = getattr(self, "_data_deadline", None)
-        if deadline is None:
-            deadline = self._data_deadline = Timeout(self.data_timeout, _DataTimeout)
-            deadline.start()
-        sock = self.io.socket
-        sock.settimeout(None)
-        try:
-            data: bytes = sock.recv(RECV_SIZE)
-        except OSError as exc:
-            raise ConnectionLost() from exc
-        finally:
-            sock.settimeout(self.command_timeout)
-        if not data:
-            raise ConnectionLost()
         log.recv(sock, data)
         return data
-
-    def _end_data_deadline(self) -> None:
-        deadline = getattr(self, "_data_deadline", None)
-        if deadline is not None:
-            deadline.close()
-            self._data_deadline = None
 
     def _send_timeout(self, conn: ServerConnection) -> None:
         self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
@@ -315,13 +328,11 @@ class Server:
         self._respond(conn, reply)
 
     def _on_message(self, conn: ServerConnection, event: Any) -> None:
-        self._end_data_deadline()
         reply = _reply("250", "2.6.0", "Message accepted for delivery")
         self._call("HAVE_DATA", reply, event.data, None)
         self._respond(conn, reply)
 
     def _on_refused(self, conn: ServerConnection, event: Any) -> None:
-        self._end_data_deadline()
         reply = Reply(event.code, event.message)
         err: Exception = MessageTooBig() if event.too_big else RemoteProtocolError(reply)
         self._call("HAVE_DATA", reply, None, err)
@@ -369,7 +380,7 @@ class Server:
         if not self._encrypt():
             raise ConnectionLost("TLS handshake failed")
         self._ehlo_as = None
-        self.io.socket.settimeout(self.command_timeout)
+        self._use_socket()
 
     def _on_auth(self, conn: ServerConnection, event: Any) -> None:
         # SASL exchanges are served by the AUTH support (slimta.smtp.auth).
