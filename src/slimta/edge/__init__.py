@@ -82,7 +82,12 @@ class EdgeServer(Edge, gevent.Greenlet):  # type: ignore[misc]
         # A pool, even unbounded, lets stop() find the live sessions.
         self.pool = pool if pool is not None else Pool()
         #: The :class:`gevent.server.StreamServer` accepting connections.
-        self.server = StreamServer(listener, self._handle, spawn=self.pool)
+        self.server = _StreamServer(listener, self._handle, spawn=self.pool)
+        self.server.close_sockets = not self._handler_closes_socket
+
+    #: Subclasses that keep a connection open after :meth:`handle` returns
+    #: (and close it themselves) set this.
+    _handler_closes_socket = False
 
     def _run(self) -> None:
         self.server.start()
@@ -108,9 +113,24 @@ class EdgeServer(Edge, gevent.Greenlet):  # type: ignore[misc]
         self.server.close()
         self.pool.join(timeout=grace)
         self.pool.kill(block=True, timeout=5.0)
+        self._end_idle_sessions()
         gevent.Greenlet.kill(self, block=False)
+
+    def _end_idle_sessions(self) -> None:
+        """Close sessions that wait outside any greenlet (see SmtpEdge)."""
 
     def kill(self, *args: Any, **kwargs: Any) -> None:
         """Stop the server at once and end the greenlet."""
         self.server.stop(timeout=0)
+        self._end_idle_sessions()
         gevent.Greenlet.kill(self, *args, **kwargs)
+
+
+class _StreamServer(StreamServer):  # type: ignore[misc]
+    """A StreamServer that can leave closing each socket to the handler."""
+
+    close_sockets = True
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        if self.close_sockets:
+            super().do_close(sock, *args)

@@ -13,6 +13,7 @@ from typing import Any
 
 from gevent.pool import Pool
 
+from slimta import logging as slogging
 from slimta.edge import EdgeServer, QueueLike
 from slimta.envelope import Envelope
 from slimta.logging import getSocketLogger
@@ -216,10 +217,16 @@ class SmtpEdge(EdgeServer):
     :param hostname: the server name, in greetings and ``Envelope.receiver``.
     :param max_recipients: accepted RCPTs per message (then 452 4.5.3).
     :param max_errors: protocol errors per session (then 421 4.7.0).
+    :param park_after: seconds an idle plain-text session keeps its greenlet
+        before waiting in the event loop instead, so that idle connections
+        cost little memory; ``None`` disables this. Only used with an
+        unbounded *pool*.
 
     .. versionchanged:: 4.0
        *context* replaces the ``tls`` dict of file names.
     """
+
+    _handler_closes_socket = True
 
     def __init__(
         self,
@@ -237,6 +244,7 @@ class SmtpEdge(EdgeServer):
         *,
         max_recipients: int = 1000,
         max_errors: int = 20,
+        park_after: float | None = 1.0,
     ) -> None:
         super().__init__(listener, queue, pool, hostname)
         self.max_size = max_size
@@ -248,6 +256,10 @@ class SmtpEdge(EdgeServer):
         self.data_timeout = data_timeout
         self.max_recipients = max_recipients
         self.max_errors = max_errors
+        #: Seconds a session may wait for a command inside its greenlet
+        #: before it parks in the event loop; ``None`` never parks.
+        self.park_after: float | None = park_after
+        self._parked: set[Server] = set()
 
     def handle(self, socket: Any, address: Any) -> None:
         """Serve one SMTP session on an accepted connection."""
@@ -268,11 +280,45 @@ class SmtpEdge(EdgeServer):
         )
         if self.max_size:
             server.extensions.add("SIZE", self.max_size)
+        self._serve(server, None)
+
+    def _serve(self, server: Server, woken: bool | None) -> None:
+        # Idle sessions park outside any greenlet, which keeps an idle
+        # connection small; only with an unbounded pool, since a parked
+        # session gives its pool slot back.
+        park_after = self.park_after if self.pool.size is None else None
+        parked = False
         try:
-            server.handle()
+            if woken is None:
+                server._start()
+                parked = server._run(park_after)
+            else:
+                parked = server._resume(woken, park_after)
         except ConnectionLost:
             pass
         except OSError as exc:
-            log.error(socket, exc, address)
+            log.error(server.io.socket, exc, server.io.address)
         finally:
+            if parked:
+                self._parked.add(server)
+                server._park(lambda timed_out: self._wake(server, timed_out))
+            else:
+                server.io.close()
+
+    def _wake(self, server: Server, timed_out: bool) -> None:
+        self._parked.discard(server)
+        self.pool.spawn(self._serve_woken, server, timed_out)
+
+    def _serve_woken(self, server: Server, timed_out: bool) -> None:
+        try:
+            self._serve(server, timed_out)
+        except Exception:
+            slogging.log_exception(__name__)
+            raise
+
+    def _end_idle_sessions(self) -> None:
+        parked, self._parked = self._parked, set()
+        for server in parked:
+            server._stop_park()
+            server._final_reply(server._conn, "421", "4.3.2 Service shutting down")
             server.io.close()

@@ -113,6 +113,8 @@ class Server:
         if context is not None and not tls_immediately:
             ext.add("STARTTLS")
         self._raw_sock: Any = None
+        self._park_remaining: float | None = None
+        self._park_watchers: tuple[Any, Any] | None = None
         self._timeout: float | None = None
         self._data_deadline: float | None = None
         self._ehlo_as: str | None = None
@@ -157,7 +159,12 @@ class Server:
 
         :raises ConnectionLost: when the peer disconnects or times out.
         """
-        conn = self._conn
+        self._start()
+        self._run(None)
+
+    # ------------------------------------------------- session driving (edge)
+    def _start(self) -> None:
+        """Implicit TLS if configured, then the greeting."""
         if self.tls_immediately:
             if self.context is None:
                 raise ValueError("tls_immediately needs a context")
@@ -165,15 +172,61 @@ class Server:
                 raise ConnectionLost()
         self._greet()
         self._use_socket()
+
+    def _run(self, park_after: float | None) -> bool:
+        """Serve commands until the session ends, or until it parks.
+
+        With *park_after*, a plain-text session that waits that long for its
+        next command returns ``True`` without closing anything: the caller
+        then :meth:`_park` s it so that an idle connection holds no greenlet.
+        """
+        conn = self._conn
         try:
-            self._loop(conn)
+            return self._loop(conn, park_after)
         except TimeoutError:
             self._send_timeout(conn)
         except gevent.GreenletExit:
             self._final_reply(conn, "421", "4.3.2 Service shutting down")
             raise
+        return False
 
-    def _loop(self, conn: ServerConnection) -> None:
+    def _park(self, on_wake: Callable[[bool], None]) -> None:
+        """Wait for the next command in the event loop, not in a greenlet.
+
+        *on_wake* runs in the hub once, with ``True`` if the command timeout
+        expired first; the caller then continues with :meth:`_resume`.
+        """
+        loop = gevent.get_hub().loop
+        watcher = loop.io(self.io.socket.fileno(), 1)
+        remaining = self._park_remaining
+        timer = loop.timer(remaining) if remaining is not None else None
+        self._park_watchers = (watcher, timer)
+
+        def wake(timed_out: bool) -> None:
+            self._stop_park()
+            on_wake(timed_out)
+
+        watcher.start(wake, False)
+        if timer is not None:
+            timer.start(wake, True)
+
+    def _stop_park(self) -> None:
+        """Stop waiting in the event loop (woken, or shut down while parked)."""
+        watchers = self._park_watchers
+        self._park_watchers = None
+        if watchers is not None:
+            for watcher in watchers:
+                if watcher is not None:
+                    watcher.stop()
+                    watcher.close()
+
+    def _resume(self, timed_out: bool, park_after: float | None) -> bool:
+        """Continue a parked session in a new greenlet; see :meth:`_run`."""
+        if timed_out:
+            self._send_timeout(self._conn)
+        return self._run(park_after)
+
+    def _loop(self, conn: ServerConnection, park_after: float | None) -> bool:
         handlers = self.handlers
         dispatch = _DISPATCH
         need_data = ev.NeedData
@@ -184,7 +237,9 @@ class Server:
                 out = conn.data_to_send()
                 if out:
                     self._send(out)
-                data = self._recv(conn)
+                data = self._recv(conn, park_after)
+                if data is None:
+                    return True
                 conn.receive_data(data)
                 if len(data) == RECV_SIZE:
                     # A flood of input must not starve the other sessions.
@@ -197,7 +252,7 @@ class Server:
                 close = getattr(handlers, "CLOSE", None)
                 if close is not None:
                     close()
-                return
+                return False
             dispatch[cls](self, conn, event)
 
     # --------------------------------------------------------------- helpers
@@ -226,10 +281,11 @@ class Server:
             data = data[sent:]
         self.io.raw_send(data)
 
-    def _recv(self, conn: ServerConnection) -> bytes:
+    def _recv(self, conn: ServerConnection, park_after: float | None) -> bytes | None:
         sock = self.io.socket
         state = conn.state
         timeout: float | None
+        parking = False
         if (state is ST_DATA or state is ST_BDAT) and self.data_timeout is not None:
             # data_timeout bounds the whole transfer, not each read.
             now = time.monotonic()
@@ -242,13 +298,28 @@ class Server:
         else:
             self._data_deadline = None
             timeout = self.command_timeout
+            if (
+                park_after is not None
+                and self._raw_sock is not None
+                and state is not ST_DATA
+                and state is not ST_BDAT
+                and (timeout is None or park_after < timeout)
+            ):
+                parking = True
+                timeout = park_after
         if timeout != self._timeout:
             sock.settimeout(timeout)
             self._timeout = timeout
         try:
             data: bytes = sock.recv(RECV_SIZE)
         except TimeoutError:
-            raise
+            if not parking:
+                raise
+            command_timeout = self.command_timeout
+            self._park_remaining = (
+                None if command_timeout is None else command_timeout - (park_after or 0.0)
+            )
+            return None
         except OSError as exc:
             raise ConnectionLost() from exc
         if not data:
