@@ -139,6 +139,8 @@ def drive(
                 return events, b"".join(out)
             if isinstance(event, ev.Auth):
                 conn.challenge("")
+            elif isinstance(event, ev.AuthAborted):
+                continue  # the core answered already
             elif isinstance(event, ev.MessageRefused):
                 conn.respond(event.code, event.message)
             else:

@@ -165,6 +165,8 @@ class Session:
             self.events.append(event)
             if isinstance(event, ev.ConnectionClosed):
                 return event
+            if isinstance(event, ev.AuthAborted):
+                continue  # the core answered already
             code, message = self.answers[type(event)](event)
             conn.respond(code, message)
 
@@ -1147,6 +1149,7 @@ def test_over_long_auth_response_ends_the_exchange() -> None:
     conn.receive_data(b"A" * (AUTH_LINE_LIMIT + 10))
     assert conn.next_event() == ev.NeedData()
     conn.receive_data(b"\r\n")
+    assert conn.next_event() == ev.AuthAborted()
     assert conn.next_event() == ev.NeedData()
     assert last_lines(conn.data_to_send())[0][:3] == b"500"
     assert conn.state is State.READY
@@ -1161,6 +1164,7 @@ def test_invalid_utf8_auth_response_ends_the_exchange() -> None:
     conn.challenge("VXNlcm5hbWU6")
     conn.data_to_send()
     conn.receive_data(b"\xff\xfe\r\nNOOP\r\n")
+    assert conn.next_event() == ev.AuthAborted()
     event = conn.next_event()
     assert_replies(conn.data_to_send(), [b"50"])
     assert conn.state is not State.AUTH

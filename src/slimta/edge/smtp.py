@@ -18,6 +18,7 @@ from slimta.edge import EdgeServer, QueueLike
 from slimta.envelope import Envelope
 from slimta.logging import getSocketLogger
 from slimta.smtp import ConnectionLost, MessageTooBig
+from slimta.smtp._address import decode_xtext
 from slimta.smtp.reply import Reply
 from slimta.smtp.server import Server
 
@@ -65,6 +66,7 @@ class SmtpSession:
         "handoff",
         "reverse_address",
         "security",
+        "submitter",
         "utf8",
         "validators",
     )
@@ -88,6 +90,8 @@ class SmtpSession:
         #: The client's PTR name when looked up; ``None`` otherwise.
         self.reverse_address: str | None = None
         self.utf8 = False
+        #: The ``AUTH=`` mailbox of MAIL (RFC 4954 5), kept when authenticated.
+        self.submitter: str | None = None
         self.validators = validator_class(self) if validator_class is not None else None
 
     @property
@@ -145,6 +149,12 @@ class SmtpSession:
         if reply.code == "250":
             self.envelope = Envelope(sender=address)
             self.utf8 = b"SMTPUTF8" in params
+            submitter = params.get(b"AUTH")
+            # RFC 4954 5: only an authenticated client may name a submitter.
+            if isinstance(submitter, bytes) and submitter != b"<>" and self.auth:
+                self.submitter = decode_xtext(submitter)
+            else:
+                self.submitter = None
 
     def RCPT(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
         self._hook("handle_rcpt", reply, address, params)
@@ -176,6 +186,7 @@ class SmtpSession:
             "name": self.ehlo_as,
             "protocol": self.protocol,
             "auth": self.auth,
+            "submitter": self.submitter,
         }
         envelope.parse(data)
         results = self.handoff(envelope)

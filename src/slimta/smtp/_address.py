@@ -10,7 +10,13 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["ArgumentError", "parse_mail_argument", "parse_params", "parse_rcpt_argument"]
+__all__ = [
+    "ArgumentError",
+    "decode_xtext",
+    "parse_mail_argument",
+    "parse_params",
+    "parse_rcpt_argument",
+]
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
@@ -139,3 +145,12 @@ def parse_params(text: str) -> dict[bytes, bytes | bool]:
             raise ArgumentError("501", "5.5.4 Duplicate parameter: " + key.upper())
         params[bkey] = value.encode("utf-8") if eq else True
     return params
+
+
+_XTEXT_HEX = re.compile(rb"\+([0-9A-F]{2})")
+
+
+def decode_xtext(value: bytes) -> str:
+    """Decode xtext (RFC 3461 4): ``+HH`` stands for the octet HH."""
+    raw = _XTEXT_HEX.sub(lambda m: bytes([int(m.group(1), 16)]), value)
+    return raw.decode("utf-8", "replace")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Auth",
+    "AuthAborted",
     "AuthResponse",
     "ConnectionClosed",
     "Data",
@@ -85,6 +86,12 @@ class AuthResponse(Event):
     """One client line of a SASL exchange, as sent (base64 text or ``*``)."""
 
     line: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted(Event):
+    """The core ended a SASL exchange itself (an unusable line); it has
+    already answered, so no :meth:`respond` is due."""
 
 
 @dataclass(frozen=True, slots=True)

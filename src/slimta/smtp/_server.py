@@ -107,6 +107,7 @@ _QUIT = ev.Quit()
 _STARTTLS = ev.StartTls()
 _DATA = ev.Data()
 _DATA_CHUNKING = ev.Data(chunking=True)
+_AUTH_ABORTED = ev.AuthAborted()
 
 
 class ServerConnection:
@@ -336,9 +337,8 @@ class ServerConnection:
                     event = None
                 elif line is LINE_TOO_LONG:
                     if state is ST_AUTH:
-                        self._end_auth(*_R_AUTH_TOO_LONG)
-                    else:
-                        self._error(*_R_TOO_LONG)
+                        return self._end_auth(*_R_AUTH_TOO_LONG)
+                    self._error(*_R_TOO_LONG)
                     continue
                 else:
                     assert isinstance(line, bytes)
@@ -360,8 +360,8 @@ class ServerConnection:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             if self.state is ST_AUTH:
-                self._end_auth(*_R_AUTH_BAD_LINE)
-            elif not self._refuse_bdat(raw):
+                return self._end_auth(*_R_AUTH_BAD_LINE)
+            if not self._refuse_bdat(raw):
                 self._error(*_R_BAD_UTF8)
             return None
         if self.state is ST_AUTH:
@@ -531,11 +531,12 @@ class ServerConnection:
             return None
         return self._expect("AUTH", ev.Auth(mechanism.upper(), initial or None))
 
-    def _end_auth(self, code: str, message: str) -> None:
+    def _end_auth(self, code: str, message: str) -> ev.Event:
         # RFC 4954 4: a response that cannot be used fails the AUTH command.
         self._pending = None
         self.state = ST_READY
         self._error(code, message)
+        return _AUTH_ABORTED
 
     def _refuse_bdat(self, raw: bytes) -> bool:
         """A BDAT line too broken to parse: its octets cannot be skipped, so hang up."""

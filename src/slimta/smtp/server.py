@@ -8,6 +8,7 @@ timeouts and TLS wrapping; every SMTP rule lives in the core.
 
 from __future__ import annotations
 
+import base64
 import socket as _socket
 import ssl
 import time
@@ -23,6 +24,7 @@ from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
 from slimta.smtp._state import ST_BDAT, ST_DATA
+from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO, RECV_SIZE
 from slimta.smtp.reply import Reply
@@ -48,6 +50,10 @@ def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
     reply.address = None
     reply.newline_first = False
     return reply
+
+
+class _AuthAborted(Exception):
+    """The SASL exchange was ended by the core while the adapter waited in it."""
 
 
 class Server:
@@ -112,6 +118,10 @@ class Server:
         ext.add("BINARYMIME")
         if context is not None and not tls_immediately:
             ext.add("STARTTLS")
+        sasl = build_sasl(auth)
+        self._auth = AuthSession(sasl, self.io, lambda: self._conn.encrypted) if sasl else None
+        if self._auth is not None:
+            ext.add("AUTH", self._auth)
         self._raw_sock: Any = None
         self._park_remaining: float | None = None
         self._park_watchers: tuple[Any, Any] | None = None
@@ -253,7 +263,11 @@ class Server:
                 if close is not None:
                     close()
                 return False
-            dispatch[cls](self, conn, event)
+            try:
+                dispatch[cls](self, conn, event)
+            except _AuthAborted:
+                # The core ended the exchange and has already answered.
+                continue
 
     # --------------------------------------------------------------- helpers
     def _use_socket(self) -> None:
@@ -454,9 +468,44 @@ class Server:
         self._use_socket()
 
     def _on_auth(self, conn: ServerConnection, event: Any) -> None:
-        # SASL exchanges are served by the AUTH support (slimta.smtp.auth).
-        reply = _reply("504", "5.5.4", "Invalid authentication mechanism")
+        auth = self._auth
+        if auth is None:
+            self._respond(conn, Reply("502", "5.5.1 Command not implemented"))
+            return
+
+        def challenge(data: bytes) -> str:
+            conn.challenge(base64.b64encode(data).decode("ascii"))
+            return self._next_auth_line(conn)
+
+        try:
+            creds = auth.server_attempt(event.mechanism, event.initial_response, challenge)
+        except ServerAuthError as exc:
+            self._respond(conn, exc.reply)
+            return
+        reply = _reply("235", "2.7.0", "Authentication successful")
+        self._call("AUTH", reply, creds)
         self._respond(conn, reply)
+
+    def _on_auth_aborted(self, conn: ServerConnection, event: Any) -> None:
+        """Nothing to do: the core answered already."""
+
+    def _next_auth_line(self, conn: ServerConnection) -> str:
+        """Read the client's answer to a 334 challenge."""
+        while True:
+            event = conn.next_event()
+            cls = event.__class__
+            if cls is ev.AuthResponse:
+                return event.line  # type: ignore[attr-defined, no-any-return]
+            if cls is ev.NeedData:
+                self._send(conn.data_to_send())
+                data = self._recv(conn, None)
+                assert data is not None
+                conn.receive_data(data)
+                continue
+            if cls is ev.AuthAborted:
+                raise _AuthAborted()
+            # Only the end of input can come here otherwise.
+            raise ConnectionLost()
 
     def _encrypt(self) -> bool:
         context = self.context
@@ -492,6 +541,7 @@ _DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
     ev.UnknownCommand: Server._on_unknown,
     ev.StartTls: Server._on_starttls,
     ev.Auth: Server._on_auth,
+    ev.AuthAborted: Server._on_auth_aborted,
 }
 
 _FQDN: str | None = None
