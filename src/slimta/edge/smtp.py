@@ -97,9 +97,8 @@ class SmtpSession:
     @property
     def protocol(self) -> str:
         """The ``with`` protocol of RFC 3848 / RFC 6531, e.g. ``'ESMTPSA'``."""
-        proto = "ESMTP" if self.extended_smtp else "SMTP"
-        if self.utf8:
-            proto = "UTF8" + proto
+        # RFC 6531 3.7.3 names SMTPUTF8 sessions UTF8SMTP.
+        proto = "UTF8SMTP" if self.utf8 else "ESMTP" if self.extended_smtp else "SMTP"
         if self.security == "TLS":
             proto += "S"
         if self.auth:

@@ -39,36 +39,36 @@ class Event:
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NeedData(Event):
     """No complete command is buffered: send pending output, then read more."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionClosed(Event):
     """The session is over (QUIT, a 421, too many errors or end of input)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ehlo(Event):
     """``EHLO name``: default answer 250 plus the extension list."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Helo(Event):
     """``HELO name``: default answer 250."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTls(Event):
     """``STARTTLS`` (RFC 3207): answer 220, then the caller starts TLS."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Auth(Event):
     """``AUTH mechanism [initial-response]`` (RFC 4954).
 
@@ -81,20 +81,20 @@ class Auth(Event):
     initial_response: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthResponse(Event):
     """One client line of a SASL exchange, as sent (base64 text or ``*``)."""
 
     line: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthAborted(Event):
     """The core ended a SASL exchange itself (an unusable line); it has
     already answered, so no :meth:`respond` is due."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MailFrom(Event):
     """``MAIL FROM:<address> params``; ``address`` is ``''`` for ``<>``."""
 
@@ -102,7 +102,7 @@ class MailFrom(Event):
     params: dict[bytes, bytes | bool] = field(hash=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RcptTo(Event):
     """``RCPT TO:<address> params``."""
 
@@ -110,7 +110,7 @@ class RcptTo(Event):
     params: dict[bytes, bytes | bool] = field(hash=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Data(Event):
     """``DATA``, or the first ``BDAT`` of a transaction when ``chunking``.
 
@@ -120,7 +120,7 @@ class Data(Event):
     chunking: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageReceived(Event):
     """The whole message content arrived (end of DATA or ``BDAT ... LAST``)."""
 
@@ -128,7 +128,7 @@ class MessageReceived(Event):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageRefused(Event):
     """The content ended but the core refuses it (size, bare CR/LF, long line).
 
@@ -141,29 +141,29 @@ class MessageRefused(Event):
     too_big: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rset(Event):
     """``RSET``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Noop(Event):
     """``NOOP``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Quit(Event):
     """``QUIT``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Vrfy(Event):
     """``VRFY string``: default answer 252 (RFC 5321 3.5.3)."""
 
     argument: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UnknownCommand(Event):
     """A well-formed command line with a verb the core does not know."""
 

@@ -47,7 +47,7 @@ class ReplySyntaxError(ValueError):
         self.data = data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParsedReply:
     """One complete reply received from a server."""
 

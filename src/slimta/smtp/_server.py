@@ -64,6 +64,7 @@ DATA_LINE_LIMIT = 998
 
 _VERB = re.compile(r"([A-Za-z]+)(?: (.*))?\Z", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_PRINTABLE_COMMAND = re.compile(r"([A-Za-z]+)(?: ([\x20-\x7e]*))?\Z")
 _BDAT = re.compile(r"(\d{1,20})(?: +(LAST))? *\Z", re.IGNORECASE)
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
 _NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
@@ -356,6 +357,36 @@ class ServerConnection:
 
     # ------------------------------------------------------------- commands
     def _handle_line(self, raw: bytes) -> ev.Event | None:
+        # Fast path: a printable-ASCII command, which is nearly every line.
+        match: re.Match[str] | None = None
+        if self.state is not ST_AUTH and raw.isascii():
+            match = _PRINTABLE_COMMAND.match(raw.decode("ascii"))
+        if match is None:
+            checked = self._check_line(raw)
+            if not isinstance(checked, re.Match):
+                return checked
+            match = checked
+        verb = match.group(1).upper()
+        arg = match.group(2)
+        if arg is not None:
+            arg = arg.strip(" \t")
+        limit = _LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT)
+        if len(raw) > limit:
+            if not self._refuse_bdat(raw):
+                self._error(*_R_TOO_LONG)
+            return None
+        if verb == "BDAT":
+            # The chunk octets follow whatever the verdict: parse first.
+            return self._bdat_command(arg)
+        if verb not in KNOWN_VERBS:
+            return self._expect(verb, ev.UnknownCommand(verb, arg or None))
+        if self.state not in ALLOWED[verb]:
+            self._sequence_error(verb)
+            return None
+        return _COMMANDS[verb](self, arg)
+
+    def _check_line(self, raw: bytes) -> re.Match[str] | ev.Event | None:
+        """The slow path of :meth:`_handle_line`: AUTH lines, UTF-8, junk."""
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -377,26 +408,7 @@ class ServerConnection:
         match = _VERB.match(line)
         if match is None:
             self._error(*_R_SYNTAX)
-            return None
-        verb = match.group(1).upper()
-        arg = match.group(2)
-        if arg is not None:
-            arg = arg.strip(" \t")
-        limit = _LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT)
-        if len(raw) > limit:
-            if not self._refuse_bdat(raw):
-                self._error(*_R_TOO_LONG)
-            return None
-        if verb == "BDAT":
-            # The chunk octets follow whatever the verdict: parse first.
-            return self._bdat_command(arg)
-        if verb not in KNOWN_VERBS:
-            return self._expect(verb, ev.UnknownCommand(verb, arg or None))
-        if self.state not in ALLOWED[verb]:
-            self._sequence_error(verb)
-            return None
-        handler = _COMMANDS[verb]
-        return handler(self, arg)
+        return match
 
     def _expect(self, verb: str, event: ev.Event) -> ev.Event:
         self._pending = event

@@ -24,6 +24,8 @@ log = getSocketLogger(__name__)
 #: Bytes asked of the socket per read.
 RECV_SIZE = 65536
 _COMMAND = re.compile(rb"([A-Za-z]+)(?:[ \t]+(.*))?\Z", re.DOTALL)
+#: Seconds to wait for the peer's TLS close_notify when closing.
+_UNWRAP_TIMEOUT = 1.0
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
 
 
@@ -64,6 +66,8 @@ class IO:
         sock = self.socket
         if self.encrypted:
             with contextlib.suppress(OSError, ValueError):
+                # Send close_notify, but never wait long for the peer's.
+                sock.settimeout(_UNWRAP_TIMEOUT)
                 sock = sock.unwrap()
         with contextlib.suppress(OSError):
             sock.close()

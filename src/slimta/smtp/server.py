@@ -127,6 +127,7 @@ class Server:
         self._park_watchers: tuple[Any, Any] | None = None
         self._timeout: float | None = None
         self._data_deadline: float | None = None
+        self._command_deadline: float | None = None
         self._ehlo_as: str | None = None
         self._conn = ServerConnection(
             ext, max_recipients=max_recipients, max_errors=max_errors, encrypted=False
@@ -263,6 +264,7 @@ class Server:
                 if close is not None:
                     close()
                 return False
+            self._command_deadline = None
             try:
                 dispatch[cls](self, conn, event)
             except _AuthAborted:
@@ -312,6 +314,16 @@ class Server:
         else:
             self._data_deadline = None
             timeout = self.command_timeout
+            if timeout is not None:
+                # command_timeout bounds a whole command line, however slowly
+                # its bytes trickle in.
+                now = time.monotonic()
+                deadline = self._command_deadline
+                if deadline is None:
+                    deadline = self._command_deadline = now + timeout
+                timeout = deadline - now
+                if timeout <= 0:
+                    raise TimeoutError()
             if (
                 park_after is not None
                 and self._raw_sock is not None
@@ -329,9 +341,9 @@ class Server:
         except TimeoutError:
             if not parking:
                 raise
-            command_timeout = self.command_timeout
+            deadline = self._command_deadline
             self._park_remaining = (
-                None if command_timeout is None else command_timeout - (park_after or 0.0)
+                None if deadline is None else max(0.0, deadline - time.monotonic())
             )
             return None
         except OSError as exc:
