@@ -107,10 +107,8 @@ class SmtpSession:
 
     def _hook(self, name: str, *args: Any) -> None:
         validators = self.validators
-        if validators is not None:
-            method = getattr(validators, name, None)
-            if method is not None:
-                method(*args)
+        if validators is not None and name in _hooks_of(type(validators)):
+            getattr(validators, name)(*args)
 
     # Server callbacks ------------------------------------------------------
     def BANNER_(self, reply: Reply) -> None:
@@ -206,6 +204,30 @@ class SmtpSession:
             return
         reply.code = "250"
         reply.message = f"2.6.0 Message accepted for delivery; queued as {outcome}"
+
+
+_HOOK_NAMES = (
+    "handle_banner",
+    "handle_ehlo",
+    "handle_helo",
+    "handle_tls",
+    "handle_auth",
+    "handle_mail",
+    "handle_rcpt",
+    "handle_data",
+    "handle_have_data",
+    "handle_queued",
+    "handle_rset",
+)
+_HOOKS: dict[type, frozenset[str]] = {}
+
+
+def _hooks_of(cls: type) -> frozenset[str]:
+    """The validator hooks a class defines, looked up once per class."""
+    hooks = _HOOKS.get(cls)
+    if hooks is None:
+        hooks = _HOOKS[cls] = frozenset(n for n in _HOOK_NAMES if callable(getattr(cls, n, None)))
+    return hooks
 
 
 class SmtpEdge(EdgeServer):

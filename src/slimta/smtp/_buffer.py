@@ -47,12 +47,19 @@ class DataChunk:
 
 
 class ReceiveBuffer:
-    """Bytes received from a peer, waiting to be framed."""
+    """Bytes received from a peer, waiting to be framed.
 
-    __slots__ = ("_buf", "_discarding", "_line_len", "_line_start")
+    The bytes are kept as one immutable ``bytes`` object and a read offset:
+    taking a line moves the offset and copies only the line, and new data
+    replaces the buffer outright when everything before was consumed, which
+    is the usual case.
+    """
+
+    __slots__ = ("_data", "_discarding", "_line_len", "_line_start", "_pos")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._data = b""
+        self._pos = 0
         # In a line longer than the limit, dropping bytes until its CRLF.
         self._discarding = False
         # DATA: are we at the start of a line, and how long is the current one.
@@ -61,15 +68,34 @@ class ReceiveBuffer:
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        self._buf += data
+        pos = self._pos
+        if pos >= len(self._data):
+            self._data = bytes(data)
+        else:
+            self._data = self._data[pos:] + data
+        self._pos = 0
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return len(self._data) - self._pos
+
+    def _drop(self, count: int) -> None:
+        """Forget *count* bytes from the read offset on."""
+        self._pos += count
+        if self._pos >= len(self._data):
+            self._data = b""
+            self._pos = 0
+
+    def _drop_all_but_cr(self) -> None:
+        """Forget everything unread but a trailing CR, whose LF may follow."""
+        data = self._data
+        self._data = b"\r" if data.endswith(b"\r") and self._pos < len(data) else b""
+        self._pos = 0
 
     def clear(self) -> int:
         """Drop everything buffered (STARTTLS); :returns: how many bytes."""
-        count = len(self._buf)
-        self._buf.clear()
+        count = len(self)
+        self._data = b""
+        self._pos = 0
         self._discarding = False
         return count
 
@@ -82,26 +108,30 @@ class ReceiveBuffer:
             buffered yet (an over-long partial line is dropped meanwhile, so
             memory stays bounded).
         """
-        buf = self._buf
-        end = buf.find(b"\r\n", 0, limit + 2 if not self._discarding else len(buf))
-        if end < 0 and len(buf) > limit + 1:
+        data = self._data
+        pos = self._pos
+        if not self._discarding:
+            end = data.find(b"\r\n", pos, pos + limit + 2)
+            if end >= 0:
+                self._pos = end + 2
+                if end + 2 >= len(data):
+                    self._data = b""
+                    self._pos = 0
+                return data[pos:end]
+            if len(data) - pos <= limit + 1:
+                return None
             # Too long already: its end may still be in the buffer, and
             # pipelined commands after it must survive.
-            end = buf.find(b"\r\n", limit)
             self._discarding = True
+            end = data.find(b"\r\n", pos + limit)
+        else:
+            end = data.find(b"\r\n", pos)
         if end < 0:
-            if self._discarding:
-                # Keep a trailing CR: its LF may be in the next read.
-                keep = 1 if buf.endswith(b"\r") else 0
-                del buf[: len(buf) - keep]
+            self._drop_all_but_cr()
             return None
-        if self._discarding or end > limit:
-            self._discarding = False
-            del buf[: end + 2]
-            return LINE_TOO_LONG
-        line = bytes(buf[:end])
-        del buf[: end + 2]
-        return line
+        self._discarding = False
+        self._drop(end + 2 - pos)
+        return LINE_TOO_LONG
 
     def start_data(self) -> None:
         """Begin DATA content: the buffer is at the start of a line."""
@@ -116,29 +146,31 @@ class ReceiveBuffer:
         from each line (RFC 5321 4.5.2). :returns: ``None`` when nothing can be
         taken yet.
         """
-        buf = self._buf
-        if not buf:
+        data = self._data
+        pos = self._pos
+        size = len(data)
+        if pos >= size:
             return None
-        if self._line_start and buf.startswith(b".\r\n"):
-            del buf[:3]
+        if self._line_start and data.startswith(b".\r\n", pos):
+            self._drop(3)
             return DataChunk(b"", True, False, self._line_len)
-        end = buf.find(b"\r\n.\r\n")
+        end = data.find(b"\r\n.\r\n", pos)
         if end >= 0:
-            raw = bytes(buf[: end + 2])
-            del buf[: end + 5]
+            raw = data[pos : end + 2]
+            self._drop(end + 5 - pos)
             return self._unstuff(raw, True, line_limit)
-        last = buf.rfind(b"\r\n")
+        last = data.rfind(b"\r\n", pos)
         if last >= 0:
-            raw = bytes(buf[: last + 2])
-            del buf[: last + 2]
+            raw = data[pos : last + 2]
+            self._drop(last + 2 - pos)
             return self._unstuff(raw, False, line_limit)
-        if len(buf) < _DATA_TAIL:
+        if size - pos < _DATA_TAIL:
             return None
-        # One very long line: pass it on in pieces, keeping a trailing CR or
-        # dot that could begin a terminator with the next read.
-        keep = 1 if buf.endswith(b"\r") else 0
-        raw = bytes(buf[: len(buf) - keep])
-        del buf[: len(buf) - keep]
+        # One very long line: pass it on in pieces, keeping a trailing CR
+        # that could begin a terminator with the next read.
+        keep = 1 if data.endswith(b"\r") else 0
+        raw = data[pos : size - keep]
+        self._drop(size - keep - pos)
         return self._unstuff(raw, False, line_limit)
 
     def _unstuff(self, raw: bytes, ended: bool, line_limit: int) -> DataChunk:
@@ -168,7 +200,8 @@ class ReceiveBuffer:
 
     def extract_exact(self, count: int) -> bytes:
         """Take up to *count* bytes as they are (BDAT); may return fewer."""
-        buf = self._buf
-        data = bytes(buf[:count])
-        del buf[:count]
-        return data
+        data = self._data
+        pos = self._pos
+        chunk = data[pos : pos + count]
+        self._drop(len(chunk))
+        return chunk

@@ -26,6 +26,8 @@ __all__ = ["AuthSession", "ServerAuthError"]
 
 #: Mechanisms that send the secret in the clear: refused without TLS.
 CLEARTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+#: Mechanisms whose first message comes from the server (no initial response).
+SERVER_FIRST_MECHANISMS = frozenset({b"CRAM-MD5"})
 #: What ``auth=True`` offers.
 DEFAULT_MECHANISMS = (b"CRAM-MD5", b"LOGIN", b"PLAIN")
 
@@ -74,6 +76,14 @@ class AuthenticationCanceled(ServerAuthError):
             "Authentication canceled by client",
             Reply("501", "5.0.0 Authentication canceled by client"),
         )
+
+
+class InitialResponseRefused(ServerAuthError):
+    """An initial response was sent for a mechanism where the server starts."""
+
+    def __init__(self) -> None:
+        reply = Reply("501", "5.7.0 Initial response not allowed for this mechanism")
+        super().__init__("Initial response not allowed", reply)
 
 
 class UnexpectedAuthError(ServerAuthError):
@@ -211,6 +221,10 @@ class AuthSession:
         if name in CLEARTEXT_MECHANISMS and not self._encrypted():
             raise InsecureMechanismError()
         responses: list[ChallengeResponse] = []
+        if initial_response is not None and name in SERVER_FIRST_MECHANISMS:
+            # RFC 4954 4: the server speaks first here; an answer to no
+            # challenge would be a replayable proof of the password.
+            raise InitialResponseRefused()
         if initial_response is not None:
             responses.append(ChallengeResponse(b"", decode_response(initial_response)))
         # A bound on round trips: the built-in mechanisms need at most two.

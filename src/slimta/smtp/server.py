@@ -9,6 +9,7 @@ timeouts and TLS wrapping; every SMTP rule lives in the core.
 from __future__ import annotations
 
 import base64
+import logging
 import socket as _socket
 import ssl
 import time
@@ -123,6 +124,8 @@ class Server:
         if self._auth is not None:
             ext.add("AUTH", self._auth)
         self._raw_sock: Any = None
+        # Per-read debug logging is decided once per session: it is hot.
+        self._log_io = log.log.isEnabledFor(logging.DEBUG)
         self._park_remaining: float | None = None
         self._park_watchers: tuple[Any, Any] | None = None
         self._timeout: float | None = None
@@ -292,7 +295,8 @@ class Server:
             except OSError as exc:
                 raise ConnectionLost() from exc
             if sent == len(data):
-                log.send(raw, data)
+                if self._log_io:
+                    log.send(raw, data)
                 return
             data = data[sent:]
         self.io.raw_send(data)
@@ -350,7 +354,8 @@ class Server:
             raise ConnectionLost() from exc
         if not data:
             raise ConnectionLost()
-        log.recv(sock, data)
+        if self._log_io:
+            log.recv(sock, data)
         return data
 
     def _send_timeout(self, conn: ServerConnection) -> None:
@@ -393,7 +398,11 @@ class Server:
         handler(self, conn, event)
 
     def _respond(self, conn: ServerConnection, reply: Reply) -> None:
-        conn.respond(reply.code or "451", reply.message or "", reply.newline_first)
+        code = reply._code
+        if code is None:
+            conn.respond("451", "4.3.0 Reply without a code", reply.newline_first)
+        else:
+            conn.respond(code, reply.message or "", reply.newline_first)
 
     def _on_ehlo(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
