@@ -11,6 +11,8 @@ import ipaddress
 import re
 
 __all__ = [
+    "SIMPLE_MAIL",
+    "SIMPLE_RCPT",
     "ArgumentError",
     "decode_xtext",
     "parse_mail_argument",
@@ -39,6 +41,15 @@ _BAD_SENDER = ("501", "5.1.7 Bad sender address syntax")
 _BAD_RECIPIENT = ("501", "5.1.3 Bad recipient address syntax")
 #: Standardized-tag of a general address literal (RFC 5321 4.1.3).
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?")
+
+
+_ASCII_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]"
+_ASCII_SUB = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_SIMPLE_MAILBOX = rf"{_ASCII_ATEXT}+(?:\.{_ASCII_ATEXT}+)*@{_ASCII_SUB}(?:\.{_ASCII_SUB})*"
+#: The common case, in one match: ``FROM:<user@host>`` or ``TO:<user@host>``
+#: with an ASCII dot-string and host name and no parameters.
+SIMPLE_MAIL = re.compile(rf"(?i:FROM):<({_SIMPLE_MAILBOX})>\Z")
+SIMPLE_RCPT = re.compile(rf"(?i:TO):<({_SIMPLE_MAILBOX})>\Z")
 
 
 class ArgumentError(ValueError):

@@ -26,6 +26,8 @@ import re
 
 from slimta.smtp import _events as ev
 from slimta.smtp._address import (
+    SIMPLE_MAIL,
+    SIMPLE_RCPT,
     ArgumentError,
     parse_mail_argument,
     parse_params,
@@ -135,6 +137,7 @@ class ServerConnection:
         "_eof",
         "_failed",
         "_longest",
+        "_max_size",
         "_out",
         "_parts",
         "_pending",
@@ -195,6 +198,7 @@ class ServerConnection:
         self._pending: ev.Event | None = None
         self._pending_verb = ""
         self._return_state = ST_READY
+        self._max_size: int | None = None
         self._reset_transaction()
 
     # ------------------------------------------------------------------ I/O
@@ -259,6 +263,7 @@ class ServerConnection:
                 return
             if positive:
                 self._buf.start_data()
+                self._max_size = self.extensions.getparam("SIZE", int)
         elif verb == "AUTH":
             self._queue(code, message, newline_first)
             self.state = ST_READY
@@ -428,6 +433,12 @@ class ServerConnection:
         return self._hello(arg, "HELO")
 
     def _mail(self, arg: str | None) -> ev.Event | None:
+        simple = SIMPLE_MAIL.match(arg) if arg else None
+        if simple is not None:
+            event: ev.Event = ev.MailFrom(simple.group(1), {})
+            self._pending = event
+            self._pending_verb = "MAIL"
+            return event
         try:
             address, rest = parse_mail_argument(arg or "")
             params = parse_params(rest)
@@ -465,6 +476,12 @@ class ServerConnection:
                 raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
 
     def _rcpt(self, arg: str | None) -> ev.Event | None:
+        simple = SIMPLE_RCPT.match(arg) if arg else None
+        if simple is not None and self._rcpt_count < self.max_recipients:
+            event: ev.Event = ev.RcptTo(simple.group(1), {})
+            self._pending = event
+            self._pending_verb = "RCPT"
+            return event
         try:
             address, rest = parse_rcpt_argument(arg or "")
             params = parse_params(rest)
@@ -573,7 +590,7 @@ class ServerConnection:
             if not self._too_big:
                 size = self._size + len(chunk.data)
                 self._size = size
-                max_size = self.extensions.getparam("SIZE", int)
+                max_size = self._max_size
                 if max_size and size > max_size:
                     self._too_big = True
                     self._parts.clear()
@@ -634,6 +651,7 @@ class ServerConnection:
         return None
 
     def _answer_first_chunk(self, code: str, message: str) -> None:
+        self._max_size = self.extensions.getparam("SIZE", int)
         if code[0] != "3":
             self._bdat_reply = (code, message)
             self._failed = True
@@ -648,7 +666,7 @@ class ServerConnection:
             if self._bdat_reply is None and not self._too_big:
                 size = self._size + len(data)
                 self._size = size
-                max_size = self.extensions.getparam("SIZE", int)
+                max_size = self._max_size
                 if max_size and size > max_size:
                     self._too_big = True
                     self._parts.clear()

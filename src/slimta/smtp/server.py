@@ -24,7 +24,7 @@ from slimta.logging import getSocketLogger
 from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
-from slimta.smtp._state import ST_BDAT, ST_DATA
+from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO, RECV_SIZE
@@ -51,6 +51,14 @@ def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
     reply.address = None
     reply.newline_first = False
     return reply
+
+
+class _WaitExpired(Exception):
+    """Thrown into a session's greenlet when its read timer fires."""
+
+
+def _expire(glet: Any) -> None:
+    glet.throw(_WaitExpired)
 
 
 class _AuthAborted(Exception):
@@ -124,6 +132,9 @@ class Server:
         if self._auth is not None:
             ext.add("AUTH", self._auth)
         self._raw_sock: Any = None
+        self._wait_readable: Callable[[], None] | None = None
+        self._timer: Any = None
+        self._timer_after: float | None = None
         # Per-read debug logging is decided once per session: it is hot.
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         self._park_remaining: float | None = None
@@ -244,6 +255,7 @@ class Server:
         handlers = self.handlers
         dispatch = _DISPATCH
         need_data = ev.NeedData
+        served = 0
         while True:
             event = conn.next_event()
             cls = event.__class__
@@ -251,14 +263,38 @@ class Server:
                 out = conn.data_to_send()
                 if out:
                     self._send(out)
-                data = self._recv(conn, park_after)
+                if served >= _FAIR_SHARE:
+                    # A client that never makes us wait must not starve the
+                    # other sessions.
+                    served = 0
+                    gevent.sleep(0)
+                data = None
+                raw = self._raw_sock
+                if raw is not None:
+                    # Fast path: the next command is often here already, and
+                    # then no timeout needs arming.
+                    try:
+                        data = raw.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        raise ConnectionLost() from exc
+                    else:
+                        if not data:
+                            raise ConnectionLost()
+                        if self._log_io:
+                            log.recv(raw, data)
                 if data is None:
-                    return True
+                    served = 0
+                    data = self._recv(conn, park_after)
+                    if data is None:
+                        return True
                 conn.receive_data(data)
                 if len(data) == RECV_SIZE:
                     # A flood of input must not starve the other sessions.
                     gevent.sleep(0)
                 continue
+            served += 1
             if cls is ev.ConnectionClosed:
                 out = conn.data_to_send()
                 if out:
@@ -278,10 +314,22 @@ class Server:
     def _use_socket(self) -> None:
         sock = self.io.socket
         raw = getattr(sock, "_sock", None)
-        # Only a plain gevent socket may be written through its inner socket.
-        self._raw_sock = raw if raw is not None and not isinstance(sock, ssl.SSLSocket) else None
-        self._timeout = self.command_timeout
-        sock.settimeout(self._timeout)
+        wait = getattr(sock, "_wait", None)
+        read_event = getattr(sock, "_read_event", None)
+        # A plain gevent socket is read and written through its inner socket
+        # and waited on with the session's own timers, which costs far less
+        # per command than gevent's per-wait Timeout objects. Anything else
+        # (TLS, a foreign socket) goes through its own methods.
+        if raw is not None and wait is not None and not isinstance(sock, ssl.SSLSocket):
+            self._raw_sock = raw
+            self._wait_readable = lambda: wait(read_event)
+            sock.settimeout(None)
+            self._timeout = None
+        else:
+            self._raw_sock = None
+            self._wait_readable = None
+            self._timeout = self.command_timeout
+            sock.settimeout(self._timeout)
 
     def _send(self, data: bytes) -> None:
         raw = self._raw_sock
@@ -337,11 +385,15 @@ class Server:
             ):
                 parking = True
                 timeout = park_after
-        if timeout != self._timeout:
-            sock.settimeout(timeout)
-            self._timeout = timeout
         try:
-            data: bytes = sock.recv(RECV_SIZE)
+            wait_readable = self._wait_readable
+            if wait_readable is not None:
+                data = self._recv_raw(wait_readable, timeout)
+            else:
+                if timeout != self._timeout:
+                    sock.settimeout(timeout)
+                    self._timeout = timeout
+                data = sock.recv(RECV_SIZE)
         except TimeoutError:
             if not parking:
                 raise
@@ -357,6 +409,33 @@ class Server:
         if self._log_io:
             log.recv(sock, data)
         return data
+
+    def _recv_raw(self, wait_readable: Callable[[], None], timeout: float | None) -> bytes:
+        """Read the plain socket, waiting at most *timeout* seconds for data."""
+        raw = self._raw_sock
+        while True:
+            try:
+                data: bytes = raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                pass
+            else:
+                return data
+            if timeout is None:
+                wait_readable()
+                continue
+            timer = self._timer
+            if timer is None or self._timer_after != timeout:
+                if timer is not None:
+                    timer.close()
+                timer = self._timer = gevent.get_hub().loop.timer(timeout)
+                self._timer_after = timeout
+            timer.start(_expire, gevent.getcurrent())
+            try:
+                wait_readable()
+            except _WaitExpired:
+                raise TimeoutError() from None
+            finally:
+                timer.stop()
 
     def _send_timeout(self, conn: ServerConnection) -> None:
         self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
@@ -432,13 +511,18 @@ class Server:
         reply = _reply("354", False, "Start mail input; end with <CRLF>.<CRLF>")
         self._call("DATA", reply)
         self._respond(conn, reply)
+        if self.data_timeout is not None and conn.state is not ST_READY:
+            # The whole content must arrive within data_timeout from now.
+            self._data_deadline = time.monotonic() + self.data_timeout
 
     def _on_message(self, conn: ServerConnection, event: Any) -> None:
+        self._data_deadline = None
         reply = _reply("250", "2.6.0", "Message accepted for delivery")
         self._call("HAVE_DATA", reply, event.data, None)
         self._respond(conn, reply)
 
     def _on_refused(self, conn: ServerConnection, event: Any) -> None:
+        self._data_deadline = None
         reply = Reply(event.code, event.message)
         err: Exception = MessageTooBig() if event.too_big else RemoteProtocolError(reply)
         self._call("HAVE_DATA", reply, None, err)
@@ -566,6 +650,8 @@ _DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
 }
 
 _FQDN: str | None = None
+#: Commands a session may serve in a row without giving other sessions a turn.
+_FAIR_SHARE = 32
 
 
 def _default_hostname() -> str:
