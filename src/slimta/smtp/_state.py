@@ -74,22 +74,24 @@ ST_BDAT = State.BDAT
 ST_AUTH = State.AUTH
 ST_CLOSED = State.CLOSED
 
-_SERVING = frozenset({ST_HELLO, ST_READY, ST_MAIL, ST_RCPT})
-_GREETED = frozenset({ST_READY, ST_MAIL, ST_RCPT})
+# Tuples, not sets: membership then compares by identity in C, where a set
+# would call Enum.__hash__, a Python function, on every command.
+_SERVING = (ST_HELLO, ST_READY, ST_MAIL, ST_RCPT)
+_GREETED = (ST_READY, ST_MAIL, ST_RCPT)
 
 #: The states in which each command verb is in sequence.
-ALLOWED: dict[str, frozenset[State]] = {
+ALLOWED: dict[str, tuple[State, ...]] = {
     "EHLO": _SERVING,
     "HELO": _SERVING,
-    "MAIL": frozenset({ST_READY}),
-    "RCPT": frozenset({ST_MAIL, ST_RCPT}),
-    "DATA": frozenset({ST_RCPT}),
-    "BDAT": frozenset({ST_RCPT}),
-    "STARTTLS": frozenset({ST_READY}),
-    "AUTH": frozenset({ST_READY}),
+    "MAIL": (ST_READY,),
+    "RCPT": (ST_MAIL, ST_RCPT),
+    "DATA": (ST_RCPT,),
+    "BDAT": (ST_RCPT,),
+    "STARTTLS": (ST_READY,),
+    "AUTH": (ST_READY,),
     "RSET": _SERVING,
     "NOOP": _SERVING,
-    "QUIT": _SERVING | {ST_NO_SERVICE},
+    "QUIT": (*_SERVING, ST_NO_SERVICE),
     "VRFY": _SERVING,
 }
 

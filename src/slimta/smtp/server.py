@@ -119,12 +119,7 @@ class Server:
         self.auth = auth
         #: The ESMTP extensions EHLO advertises; change before :meth:`handle`.
         self.extensions = ext = Extensions()
-        ext.add("8BITMIME")
-        ext.add("PIPELINING")
-        ext.add("ENHANCEDSTATUSCODES")
-        ext.add("SMTPUTF8")
-        ext.add("CHUNKING")
-        ext.add("BINARYMIME")
+        ext.extensions.update(_DEFAULT_EXTENSIONS)
         if context is not None and not tls_immediately:
             ext.add("STARTTLS")
         sasl = build_sasl(auth)
@@ -286,7 +281,7 @@ class Server:
                             log.recv(raw, data)
                 if data is None:
                     served = 0
-                    data = self._recv(conn, park_after)
+                    data = self._recv(conn, park_after, raw is not None)
                     if data is None:
                         return True
                 conn.receive_data(data)
@@ -349,7 +344,13 @@ class Server:
             data = data[sent:]
         self.io.raw_send(data)
 
-    def _recv(self, conn: ServerConnection, park_after: float | None) -> bytes | None:
+    def _recv(
+        self, conn: ServerConnection, park_after: float | None, tried: bool = False
+    ) -> bytes | None:
+        """Read the next bytes, waiting under the session's timeouts.
+
+        *tried* says the caller's non-blocking read just found nothing.
+        """
         sock = self.io.socket
         state = conn.state
         timeout: float | None
@@ -388,7 +389,7 @@ class Server:
         try:
             wait_readable = self._wait_readable
             if wait_readable is not None:
-                data = self._recv_raw(wait_readable, timeout)
+                data = self._recv_raw(wait_readable, timeout, tried)
             else:
                 if timeout != self._timeout:
                     sock.settimeout(timeout)
@@ -410,16 +411,20 @@ class Server:
             log.recv(sock, data)
         return data
 
-    def _recv_raw(self, wait_readable: Callable[[], None], timeout: float | None) -> bytes:
+    def _recv_raw(
+        self, wait_readable: Callable[[], None], timeout: float | None, tried: bool
+    ) -> bytes:
         """Read the plain socket, waiting at most *timeout* seconds for data."""
         raw = self._raw_sock
         while True:
-            try:
-                data: bytes = raw.recv(RECV_SIZE)
-            except BlockingIOError:
-                pass
-            else:
-                return data
+            if not tried:
+                try:
+                    data: bytes = raw.recv(RECV_SIZE)
+                except BlockingIOError:
+                    pass
+                else:
+                    return data
+            tried = False
             if timeout is None:
                 wait_readable()
                 continue
@@ -480,8 +485,16 @@ class Server:
         code = reply._code
         if code is None:
             conn.respond("451", "4.3.0 Reply without a code", reply.newline_first)
+            return
+        # Reply.message, without its property calls (this runs per command).
+        esc = reply._esc
+        text = reply._text or ""
+        if esc is False or code[0] not in "245":
+            message = text
         else:
-            conn.respond(code, reply.message or "", reply.newline_first)
+            esc = f"{code[0]}.0.0" if esc is None or esc is True else code[0] + esc[1:]
+            message = f"{esc} {text}" if text else esc
+        conn.respond(code, message, reply.newline_first)
 
     def _on_ehlo(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
@@ -650,6 +663,11 @@ _DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
 }
 
 _FQDN: str | None = None
+#: Extensions every session advertises, in order (RFC 6531 wants 8BITMIME
+#: beside SMTPUTF8; BINARYMIME needs CHUNKING).
+_DEFAULT_EXTENSIONS = dict.fromkeys(
+    ("8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "BINARYMIME")
+)
 #: Commands a session may serve in a row without giving other sessions a turn.
 _FAIR_SHARE = 32
 
