@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -140,8 +141,15 @@ def build_sasl(auth: bool | Iterable[bytes | str]) -> SASLAuth | None:
         names: Sequence[bytes] = DEFAULT_MECHANISMS
     else:
         names = [n.encode("ascii") if isinstance(n, str) else n for n in auth]
+    return _named(tuple(n.upper() for n in names))
+
+
+@functools.lru_cache(maxsize=32)
+def _named(names: tuple[bytes, ...]) -> SASLAuth:
+    # SASLAuth.named() scans the installed packages' entry points, which
+    # costs milliseconds: do it once per set of names, not per connection.
     try:
-        return SASLAuth.named([n.upper() for n in names])
+        return SASLAuth.named(list(names))
     except KeyError as exc:
         raise ValueError(f"unknown SASL mechanism: {exc.args[0]!r}") from None
 

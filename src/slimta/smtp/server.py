@@ -9,6 +9,7 @@ timeouts and TLS wrapping; every SMTP rule lives in the core.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import socket as _socket
 import ssl
@@ -630,6 +631,11 @@ class Server:
         assert context is not None
         io = self.io
         try:
+            # TLS 1.3 servers send session tickets after the handshake; with
+            # Nagle on, the next small reply would wait for their ACK, which
+            # the client delays: a 40 ms stall per session.
+            with contextlib.suppress(OSError):
+                io.socket.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
             with Timeout(self.tls_handshake_timeout, False):
                 io.socket.settimeout(None)
                 if io.encrypt_socket_server(context):
