@@ -149,6 +149,20 @@ class Envelope:
     #: Epoch seconds when the message was received, set by ``Edge.handoff``.
     timestamp: float | None
 
+    # Delivery status notification requests (RFC 3461), set by the SMTP edge
+    # when the client gave them; class-level ``None`` defaults keep older
+    # pickles loadable.
+    #: ``RET`` of MAIL: ``'FULL'`` or ``'HDRS'``.
+    dsn_ret: str | None = None
+    #: ``ENVID`` of MAIL, xtext-decoded.
+    dsn_envid: str | None = None
+    #: ``NOTIFY`` of each RCPT, by recipient address: ``('NEVER',)`` or some
+    #: of ``'SUCCESS'``, ``'FAILURE'``, ``'DELAY'``.
+    dsn_notify: dict[str, tuple[str, ...]] | None = None
+    #: ``ORCPT`` of each RCPT, by recipient address: ``'rfc822;user@host'``
+    #: with the address xtext-decoded.
+    dsn_orcpt: dict[str, str] | None = None
+
     def __init__(
         self,
         sender: str | None = None,
