@@ -146,6 +146,12 @@ class SmtpSession:
         if reply.code == "250":
             self.envelope = Envelope(sender=address)
             self.utf8 = b"SMTPUTF8" in params
+            ret = params.get(b"RET")
+            if isinstance(ret, bytes):
+                self.envelope.dsn_ret = ret.upper().decode("ascii")
+            envid = params.get(b"ENVID")
+            if isinstance(envid, bytes):
+                self.envelope.dsn_envid = decode_xtext(envid)
             submitter = params.get(b"AUTH")
             # RFC 4954 5: only an authenticated client may name a submitter.
             if isinstance(submitter, bytes) and submitter != b"<>" and self.auth:
@@ -155,8 +161,26 @@ class SmtpSession:
 
     def RCPT(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
         self._hook("handle_rcpt", reply, address, params)
-        if reply.code == "250" and self.envelope is not None:
-            self.envelope.recipients.append(address)
+        envelope = self.envelope
+        if reply.code == "250" and envelope is not None:
+            envelope.recipients.append(address)
+            if params:
+                self._keep_dsn_params(envelope, address, params)
+
+    @staticmethod
+    def _keep_dsn_params(envelope: Envelope, address: str, params: dict[bytes, Any]) -> None:
+        notify = params.get(b"NOTIFY")
+        if isinstance(notify, bytes):
+            if envelope.dsn_notify is None:
+                envelope.dsn_notify = {}
+            words = notify.upper().decode("ascii").split(",")
+            envelope.dsn_notify[address] = tuple(words)
+        orcpt = params.get(b"ORCPT")
+        if isinstance(orcpt, bytes):
+            if envelope.dsn_orcpt is None:
+                envelope.dsn_orcpt = {}
+            addr_type, _, xtext = orcpt.partition(b";")
+            envelope.dsn_orcpt[address] = f"{addr_type.decode('ascii')};{decode_xtext(xtext)}"
 
     def DATA(self, reply: Reply) -> None:
         self._hook("handle_data", reply)

@@ -69,6 +69,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PRINTABLE_COMMAND = re.compile(r"([A-Za-z]+)(?: ([\x20-\x7e]*))?\Z")
 _BDAT = re.compile(r"(\d{1,20})(?: +(LAST))? *\Z", re.IGNORECASE)
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
+_NOTIFY_WORDS = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
+_ADDR_TYPE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9\-]*")
 _NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 _R_SYNTAX = ("500", "5.5.2 Syntax error, command unrecognized")
@@ -96,6 +98,10 @@ _R_TOO_MANY_ERRORS = ("421", "4.7.0 Too many errors, closing connection")
 _R_UTF8_ADDRESS = ("553", "5.6.7 Must declare SMTPUTF8 to send unicode address")
 _R_SIZE_SYNTAX = ("501", "5.5.4 Bad message size syntax")
 _R_BODY = ("501", "5.5.4 Unsupported BODY type")
+_R_RET = ("501", "5.5.4 Bad RET parameter syntax")
+_R_ENVID = ("501", "5.5.4 Bad ENVID parameter syntax")
+_R_NOTIFY = ("501", "5.5.4 Bad NOTIFY parameter syntax")
+_R_ORCPT = ("501", "5.5.4 Bad ORCPT parameter syntax")
 _R_AUTH_PARAM = ("501", "5.5.4 Bad AUTH parameter syntax")
 _R_TOO_BIG_CHUNK = ("552", "5.3.4 Message size exceeds fixed limit")
 _R_TOO_BIG = ("552", "5.3.4 Message size exceeds fixed limit")
@@ -467,10 +473,39 @@ class ServerConnection:
             elif key == b"SMTPUTF8" and "SMTPUTF8" in ext:
                 if value is not True:
                     raise ArgumentError("501", "5.5.4 SMTPUTF8 takes no value")
+            elif key == b"RET" and "DSN" in ext:
+                # RFC 3461 4.3
+                if value is True or value.upper() not in (b"FULL", b"HDRS"):  # type: ignore[union-attr]
+                    raise ArgumentError(*_R_RET)
+            elif key == b"ENVID" and "DSN" in ext:
+                # RFC 3461 4.4: xtext, at most 100 characters.
+                if value is True or len(value) > 100 or not _XTEXT.match(value):  # type: ignore[arg-type]
+                    raise ArgumentError(*_R_ENVID)
             elif key == b"AUTH" and "AUTH" in ext:
                 # RFC 4954 section 5: an xtext mailbox or <>; kept for the caller.
                 if value is True or (value != b"<>" and not _XTEXT.match(value)):  # type: ignore[arg-type]
                     raise ArgumentError(*_R_AUTH_PARAM)
+            else:
+                name = key.decode("ascii")
+                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+
+    def _check_rcpt_params(self, params: dict[bytes, bytes | bool]) -> None:
+        dsn = "DSN" in self.extensions
+        for key, value in params.items():
+            if key == b"NOTIFY" and dsn:
+                # RFC 3461 4.1: NEVER alone, or some of SUCCESS, FAILURE, DELAY.
+                words = value.upper().split(b",") if value is not True else []  # type: ignore[union-attr]
+                if not words or len(set(words)) != len(words):
+                    raise ArgumentError(*_R_NOTIFY)
+                if words != [b"NEVER"] and not set(words) <= _NOTIFY_WORDS:
+                    raise ArgumentError(*_R_NOTIFY)
+            elif key == b"ORCPT" and dsn:
+                # RFC 3461 4.2: addr-type ";" xtext
+                if not isinstance(value, bytes) or len(value) > 500:
+                    raise ArgumentError(*_R_ORCPT)
+                addr_type, semi, xtext = value.partition(b";")
+                if not semi or not _ADDR_TYPE.fullmatch(addr_type) or not _XTEXT.match(xtext):
+                    raise ArgumentError(*_R_ORCPT)
             else:
                 name = key.decode("ascii")
                 raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
@@ -485,9 +520,7 @@ class ServerConnection:
         try:
             address, rest = parse_rcpt_argument(arg or "")
             params = parse_params(rest)
-            for key in params:
-                name = key.decode("ascii")
-                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+            self._check_rcpt_params(params)
             if not address.isascii() and not self._utf8:
                 raise ArgumentError(*_R_UTF8_ADDRESS)
         except ArgumentError as exc:

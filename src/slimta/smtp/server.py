@@ -672,7 +672,15 @@ _FQDN: str | None = None
 #: Extensions every session advertises, in order (RFC 6531 wants 8BITMIME
 #: beside SMTPUTF8; BINARYMIME needs CHUNKING).
 _DEFAULT_EXTENSIONS = dict.fromkeys(
-    ("8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "BINARYMIME")
+    (
+        "8BITMIME",
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "CHUNKING",
+        "BINARYMIME",
+        "DSN",
+    )
 )
 #: Commands a session may serve in a row without giving other sessions a turn.
 _FAIR_SHARE = 32
