@@ -9,12 +9,20 @@ bounded amount of memory, whatever the peer sends.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 
 __all__ = ["DataChunk", "LineTooLong", "ReceiveBuffer"]
 
 #: Largest unterminated DATA tail kept in the buffer while waiting for a CRLF.
 _DATA_TAIL = 65536
+
+
+@functools.lru_cache(maxsize=8)
+def _long_line(limit: int) -> re.Pattern[bytes]:
+    """A line of more than *limit* octets; anchored at line starts, so cheap."""
+    return re.compile(rb"(?m)^[^\r\n]{%d}" % (limit + 1))
 
 
 class LineTooLong:
@@ -180,7 +188,8 @@ class ReceiveBuffer:
         if b"\r\n." in raw:
             raw = raw.replace(b"\r\n.", b"\r\n")
         crlf = raw.count(b"\r\n")
-        bare = raw.count(b"\n") != crlf or raw.count(b"\r") != crlf
+        # CRs and LFs outside CRLF pairs, counted in one pass.
+        bare = len(raw) - len(raw.translate(None, b"\r\n")) != 2 * crlf
         # Line length: cheap when the chunk cannot hold a long line.
         carried = self._line_len
         if crlf == 0:
@@ -189,8 +198,12 @@ class ReceiveBuffer:
             self._line_start = False
         else:
             if carried + len(raw) > line_limit:
-                lines = raw.split(b"\r\n")
-                longest = max(carried + len(lines[0]), max(map(len, lines)))
+                if carried + raw.find(b"\r\n") > line_limit or _long_line(line_limit).search(raw):
+                    lines = raw.split(b"\r\n")
+                    longest = max(carried + len(lines[0]), max(map(len, lines)))
+                else:
+                    # No line passes the limit: the limit is an upper bound.
+                    longest = line_limit
             else:
                 # Short enough that no line can pass the limit: an upper bound.
                 longest = carried + len(raw)
