@@ -76,6 +76,10 @@ SPEC_ALL: dict[str, set[str]] = {
     },
     # [4.7]
     "slimta.smtp.auth": {"ServerAuthError", "AuthSession"},
+    # [3]
+    "slimta.bounce": {"Bounce"},
+    # [12.3]
+    "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]
     "slimta.util.deque": {"BlockingDeque"},
 }
