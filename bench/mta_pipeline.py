@@ -103,6 +103,20 @@ def static_smtp_relay(args):
     )
 
 
+def _sut_storage():
+    """$SLIMTA_BENCH_SUT_STORAGE, honoured only by this project's slimta (4.x),
+    so one harness run can put the rewrite on DiskStorage while python-slimta
+    5.0.5 keeps its DictStorage."""
+    wanted = os.environ.get("SLIMTA_BENCH_SUT_STORAGE")
+    if not wanted:
+        return None
+    try:
+        from slimta.core import __version__
+    except ImportError:
+        return None
+    return wanted if __version__.startswith("4.") else None
+
+
 def make_storage(kind):
     """Returns (storage, directory to remove on exit or None)."""
     if kind == "dict":
@@ -215,7 +229,7 @@ def parse_args(argv):
     p.add_argument(
         "--storage",
         choices=STORAGE_CHOICES,
-        default=os.environ.get(STORAGE_ENV) or "dict",
+        default=os.environ.get(STORAGE_ENV) or _sut_storage() or "dict",
         help=f"queue storage for the Queue modes (default: ${STORAGE_ENV} "
         "or dict; ignored with --edge-only)",
     )
