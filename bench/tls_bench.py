@@ -25,8 +25,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-MESSAGE = (b"From: bench@localhost\r\nTo: sink@localhost\r\nSubject: tls bench\r\n\r\n"
-           + b"x" * 78 + b"\r\n") * 1 + (b"y" * 78 + b"\r\n") * 12
+MESSAGE = (
+    b"From: bench@localhost\r\nTo: sink@localhost\r\nSubject: tls bench\r\n\r\n"
+    + b"x" * 78
+    + b"\r\n"
+) * 1 + (b"y" * 78 + b"\r\n") * 12
 
 
 def free_port():
@@ -44,10 +47,28 @@ def cpu_ticks(pid):
 def make_cert(directory):
     cert = os.path.join(directory, "cert.pem")
     key = os.path.join(directory, "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -75,13 +96,27 @@ def client_worker(args):
 
 def run_one(python, cert, key, messages, workers):
     port = free_port()
-    proc = subprocess.Popen([python, "-W", "ignore", os.path.join(HERE, "tls_server.py"),
-                             "--port", str(port), "--cert", cert, "--key", key],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            python,
+            "-W",
+            "ignore",
+            os.path.join(HERE, "tls_server.py"),
+            "--port",
+            str(port),
+            "--cert",
+            cert,
+            "--key",
+            key,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         if not line.startswith("READY"):
-            raise RuntimeError("server did not start: %s %s" % (line, proc.stderr.read()))
+            raise RuntimeError(f"server did not start: {line} {proc.stderr.read()}")
         with multiprocessing.Pool(workers) as pool:
             pool.map(client_worker, [(port, 20)] * workers)  # warm-up
             per = [messages // workers] * workers
@@ -100,8 +135,9 @@ def run_one(python, cert, key, messages, workers):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sut", default=os.path.join(REPO, ".venv", "bin", "python"))
-    parser.add_argument("--anchor", default=os.path.expanduser(
-        "~/.cache/slimta-bench/anchor-venv/bin/python"))
+    parser.add_argument(
+        "--anchor", default=os.path.expanduser("~/.cache/slimta-bench/anchor-venv/bin/python")
+    )
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
@@ -116,11 +152,19 @@ def main():
                 python = args.sut if name == "sut" else args.anchor
                 res = run_one(python, cert, key, args.messages, args.workers)
                 results[name].append(res)
-                print("rep %d %-6s %7.1f msg/s %7.0f us/msg server CPU"
-                      % (rep + 1, name, res["msgs_per_s"], res["cpu_us_per_msg"]), flush=True)
-    ratios = [s["msgs_per_s"] / a["msgs_per_s"] for s, a in zip(results["sut"], results["anchor"])]
-    cpu = [s["cpu_us_per_msg"] / a["cpu_us_per_msg"]
-           for s, a in zip(results["sut"], results["anchor"])]
+                print(
+                    "rep %d %-6s %7.1f msg/s %7.0f us/msg server CPU"
+                    % (rep + 1, name, res["msgs_per_s"], res["cpu_us_per_msg"]),
+                    flush=True,
+                )
+    ratios = [
+        s["msgs_per_s"] / a["msgs_per_s"]
+        for s, a in zip(results["sut"], results["anchor"], strict=False)
+    ]
+    cpu = [
+        s["cpu_us_per_msg"] / a["cpu_us_per_msg"]
+        for s, a in zip(results["sut"], results["anchor"], strict=False)
+    ]
     summary = {
         "msgs_per_s_ratio_median": statistics.median(ratios),
         "msgs_per_s_ratios": ratios,
@@ -129,10 +173,16 @@ def main():
         "runs": results,
         "command": " ".join(sys.argv),
     }
-    print("same-run msg/s ratio (sut/anchor): median %.2f, per rep %s"
-          % (summary["msgs_per_s_ratio_median"], ", ".join("%.2f" % r for r in ratios)))
-    print("same-run server CPU ratio: median %.2f, per rep %s"
-          % (summary["cpu_ratio_median"], ", ".join("%.2f" % r for r in cpu)))
+    print(
+        "same-run msg/s ratio (sut/anchor): median {:.2f}, per rep {}".format(
+            summary["msgs_per_s_ratio_median"], ", ".join(f"{r:.2f}" for r in ratios)
+        )
+    )
+    print(
+        "same-run server CPU ratio: median {:.2f}, per rep {}".format(
+            summary["cpu_ratio_median"], ", ".join(f"{r:.2f}" for r in cpu)
+        )
+    )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(summary, fh, indent=2)

@@ -11,14 +11,14 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # noqa: E402
-import signal  # noqa: E402
-import ssl  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import signal
+import ssl
+import sys
 
-import gevent  # noqa: E402
+import gevent
 
-from slimta.edge.smtp import SmtpEdge, SmtpValidators  # noqa: E402
+from slimta.edge.smtp import SmtpEdge, SmtpValidators
 
 
 class Counter:
@@ -47,12 +47,18 @@ def main():
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(args.cert, args.key)
     queue = Counter()
-    edge = SmtpEdge(("127.0.0.1", args.port), queue, context=ctx, auth=True,
-                    validator_class=Validators, command_timeout=60.0,
-                    data_timeout=60.0, hostname="bench.localhost")
+    edge = SmtpEdge(
+        ("127.0.0.1", args.port),
+        queue,
+        context=ctx,
+        auth=True,
+        validator_class=Validators,
+        command_timeout=60.0,
+        data_timeout=60.0,
+        hostname="bench.localhost",
+    )
     edge.start()
-    gevent.signal_handler(signal.SIGUSR1,
-                          lambda: print("COUNT %d" % queue.count, flush=True))
+    gevent.signal_handler(signal.SIGUSR1, lambda: print("COUNT %d" % queue.count, flush=True))
     gevent.signal_handler(signal.SIGTERM, lambda: sys.exit(0))
     gevent.sleep(0.2)
     print("READY %d" % args.port, flush=True)

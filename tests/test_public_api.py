@@ -78,6 +78,17 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.smtp.auth": {"ServerAuthError", "AuthSession"},
     # [3]
     "slimta.bounce": {"Bounce"},
+    # [6]
+    "slimta.queue": {"Queue", "QueueStorage", "QueueError"},
+    "slimta.queue.dict": {"DictStorage"},
+    "slimta.queue.proxy": {"ProxyQueue"},
+    # [7]
+    "slimta.relay": {"PermanentRelayError", "TransientRelayError", "Relay"},
+    "slimta.relay.blackhole": {"BlackholeRelay"},
+    # [8]
+    "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},
+    # [14]
+    "slimta.diskstorage": {"DiskStorage"},
     # [12.3]
     "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]

@@ -1,0 +1,551 @@
+"""The file operations of :class:`~slimta.diskstorage.DiskStorage`.
+
+Everything here blocks (writes, fsyncs, renames, directory listings) and runs
+in a native thread, never in the gevent hub. One :class:`Spool` belongs to
+one storage; its mutating methods are only ever called from that storage's
+single committer thread, so they never race each other. Reads of envelope
+files (:func:`read_framed`) may run in any thread: a final file is complete
+from the moment its name appears, because it is fsynced under a temporary
+name first and then renamed.
+
+Nothing here logs: under gevent's monkey patching the :mod:`logging` locks
+are gevent locks, which are not safe to take from a native thread. Every
+method returns what happened instead, and the storage logs it in the hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from slimta.diskstorage._format import (
+    ENVELOPE,
+    HEADER_SIZE,
+    META,
+    CorruptFile,
+    Meta,
+    decode_meta,
+    encode_meta,
+    header,
+    parse_header,
+    verify,
+)
+
+__all__ = [
+    "ID_PATTERN",
+    "NewMessage",
+    "PutMeta",
+    "Quarantine",
+    "QuarantineResult",
+    "Remove",
+    "Scan",
+    "ScanResult",
+    "Spool",
+    "read_framed",
+]
+
+#: A message id: ``uuid4().hex``. Names that do not match are never touched.
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+_ENV_SUFFIX = ".env"
+_META_SUFFIX = ".meta"
+_ENV_NAME = re.compile(r"([0-9a-f]{32})\.env")
+_META_NAME = re.compile(r"([0-9a-f]{32})\.meta")
+
+#: Flags for a new temporary file: it must not exist yet.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+#: Flags for opening a directory to fsync it.
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """Store a new message: its envelope file, then its metadata file."""
+
+    id: str
+    envelope: bytes
+    meta: Meta
+
+
+@dataclass(slots=True)
+class PutMeta:
+    """Replace a message's metadata file."""
+
+    id: str
+    meta: Meta
+
+
+@dataclass(slots=True)
+class Remove:
+    """Delete a message's files (envelope first); missing files are fine."""
+
+    id: str
+
+
+@dataclass(slots=True)
+class Quarantine:
+    """Move a message's files to the quarantine directory."""
+
+    id: str
+    #: Why, for the log.
+    reason: str
+
+
+@dataclass(slots=True)
+class Scan:
+    """Recover the spool and list it; see :meth:`Spool.scan`."""
+
+    #: Ids the storage already knows and trusts: only their presence is checked.
+    known: frozenset[str]
+    #: The next-attempt time given to messages recovered without metadata.
+    now: float
+
+
+@dataclass(slots=True)
+class QuarantineResult:
+    """Files moved to quarantine, and files that could not be moved."""
+
+    #: ``(id, path, moved_to, reason)`` for each file moved.
+    moved: list[tuple[str, str, str, str]] = field(default_factory=list)
+    #: ``(id, path, error, reason)`` for each file left where it was.
+    stuck: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What :meth:`Spool.scan` found and repaired."""
+
+    #: Every complete message: its metadata, or ``None`` for a known id.
+    metas: dict[str, Meta | None] = field(default_factory=dict)
+    #: Names of leftover temporary files removed.
+    temps_removed: list[str] = field(default_factory=list)
+    #: Corrupt or unreadable files.
+    quarantine: QuarantineResult = field(default_factory=QuarantineResult)
+    #: ``(id, reason)`` for each message given fresh metadata.
+    recovered: list[tuple[str, str]] = field(default_factory=list)
+    #: Ids whose metadata had no envelope and was removed.
+    orphans: list[str] = field(default_factory=list)
+    #: Repairs that failed, as ``(id, what, error)``.
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+#: Anything the committer thread can be asked to do.
+Op = NewMessage | PutMeta | Remove | Quarantine | Scan
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def read_framed(path: str, kind: bytes) -> bytes:
+    """Read and validate one stored file; return its payload.
+
+    :raises CorruptFile: when the file is torn, foreign or damaged.
+    :raises OSError: when it cannot be read (``FileNotFoundError`` if gone).
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        head = file.read(HEADER_SIZE)
+        length = parse_header(kind, head)
+        # Check the size before reading: a damaged length must not make us
+        # allocate gigabytes, and a short file is a torn write.
+        if size != HEADER_SIZE + length:
+            raise CorruptFile(f"size {size} but the header says {HEADER_SIZE + length}")
+        payload = file.read(length)
+    if len(payload) != length:
+        raise CorruptFile("file shrank while it was read")
+    verify(head, payload)
+    return payload
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory *path* (new names, removals) durable."""
+    fd = os.open(path, _DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _File:
+    """One file being stored: written under *tmp*, renamed to *final*."""
+
+    tmp: str
+    final: str
+    fd: int = -1
+    renamed: bool = False
+
+
+class Spool:
+    """The directories of one storage, and the blocking work done in them.
+
+    :param env_dir: where ``<id>.env`` files live.
+    :param meta_dir: where ``<id>.meta`` files live.
+    :param tmp_dir: where files are written before being renamed into place;
+        on the same filesystem as the other two.
+    :param quarantine_dir: where damaged files are moved.
+    """
+
+    def __init__(self, env_dir: str, meta_dir: str, tmp_dir: str, quarantine_dir: str) -> None:
+        self.env_dir = env_dir
+        self.meta_dir = meta_dir
+        self.tmp_dir = tmp_dir
+        self.quarantine_dir = quarantine_dir
+        # Temporary names start with a tag derived from env_dir, so that two
+        # storages sharing one tmp_dir never remove each other's files.
+        tag = hashlib.blake2b(env_dir.encode("utf-8", "surrogateescape"), digest_size=4)
+        self._tmp_prefix = tag.hexdigest() + "-"
+        self._serial = itertools.count()
+
+    # -- paths -------------------------------------------------------------
+
+    def env_path(self, id: str) -> str:
+        """The envelope file of message *id*."""
+        return os.path.join(self.env_dir, id + _ENV_SUFFIX)
+
+    def meta_path(self, id: str) -> str:
+        """The metadata file of message *id*."""
+        return os.path.join(self.meta_dir, id + _META_SUFFIX)
+
+    def _tmp_path(self, id: str, what: str) -> str:
+        # The serial keeps two updates of one id in a batch apart.
+        return os.path.join(self.tmp_dir, f"{self._tmp_prefix}{id}.{what}.{next(self._serial)}.tmp")
+
+    # -- setup ---------------------------------------------------------------
+
+    def prepare(self) -> list[str]:
+        """Create the directories, check them, remove leftover temporary files.
+
+        :returns: the names of the temporary files removed.
+        :raises OSError: when a directory cannot be created, or ``EXDEV`` when
+            ``tmp_dir`` is on another filesystem than ``env_dir`` or
+            ``meta_dir`` (a rename between them would not be atomic).
+        """
+        for path in (self.env_dir, self.meta_dir, self.tmp_dir, self.quarantine_dir):
+            os.makedirs(path, exist_ok=True)
+        device = os.stat(self.tmp_dir).st_dev
+        for path in (self.env_dir, self.meta_dir):
+            if os.stat(path).st_dev != device:
+                raise OSError(
+                    errno.EXDEV,
+                    f"{self.tmp_dir} and {path} are on different filesystems, "
+                    "so renaming a file between them is not atomic",
+                )
+        return self._remove_temps()
+
+    def _remove_temps(self) -> list[str]:
+        # Called only between batches: every temporary file is a leftover of
+        # a crash (or of an error whose clean-up failed).
+        removed = []
+        for name in os.listdir(self.tmp_dir):
+            if name.startswith(self._tmp_prefix) and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.tmp_dir, name))
+                except FileNotFoundError:
+                    continue
+                removed.append(name)
+        return removed
+
+    # -- the committer ---------------------------------------------------------
+
+    def commit(self, ops: Sequence[Op]) -> list[object]:
+        """Carry out *ops* in order; one result per op.
+
+        Runs of :class:`NewMessage`, :class:`PutMeta` and :class:`Remove` are
+        group-committed (see :meth:`_group_commit`); a :class:`Scan` or
+        :class:`Quarantine` runs alone at its place in the order. A result is
+        ``None`` (done), an :class:`OSError` (that op failed and left no
+        final file behind), a :class:`ScanResult` or a
+        :class:`QuarantineResult`.
+        """
+        results: list[object] = [None] * len(ops)
+        run: list[int] = []
+        for index, op in enumerate(ops):
+            if isinstance(op, NewMessage | PutMeta | Remove):
+                run.append(index)
+                continue
+            self._group_commit(ops, run, results)
+            run = []
+            try:
+                if isinstance(op, Scan):
+                    results[index] = self.scan(op.known, op.now)
+                else:
+                    results[index] = self.quarantine(op.id, op.reason)
+            except OSError as exc:
+                results[index] = exc
+        self._group_commit(ops, run, results)
+        return results
+
+    def _files(self, op: NewMessage | PutMeta) -> list[tuple[_File, bytes, bytes]]:
+        """The files *op* stores, each with its header and payload."""
+        meta = encode_meta(op.meta)
+        files = [(_File(self._tmp_path(op.id, "meta"), self.meta_path(op.id)), META, meta)]
+        if isinstance(op, NewMessage):
+            # The envelope goes first: if we die between the two renames, an
+            # envelope without metadata is recovered, whereas metadata
+            # without an envelope would be thrown away.
+            env = _File(self._tmp_path(op.id, "env"), self.env_path(op.id))
+            files.insert(0, (env, ENVELOPE, op.envelope))
+        return [(file, header(kind, payload), payload) for file, kind, payload in files]
+
+    def _group_commit(self, ops: Sequence[Op], run: Sequence[int], results: list[object]) -> None:
+        """Store and remove files for every op in *run*, sharing the fsyncs.
+
+        1. write every temporary file;
+        2. fsync every temporary file;
+        3. rename them into place and unlink removed messages, in op order;
+        4. fsync each directory touched in step 3 once.
+
+        However many ops the run holds, it costs one fsync per file and at
+        most one fsync per directory (two for a run of new messages: the
+        envelope and metadata directories). An op that fails at any step
+        gets its :class:`OSError` as its result and loses its files; the
+        other ops go on.
+
+        ``tmp_dir`` itself is not fsynced before the renames: only the final
+        names have to survive a crash, and a temporary file lost in one
+        belonged to an op whose caller had not been answered yet.
+        """
+        if not run:
+            return
+        staged: dict[int, list[_File]] = {}
+        try:
+            for index in run:
+                op = ops[index]
+                if isinstance(op, NewMessage | PutMeta):
+                    files: list[_File] = []
+                    staged[index] = files
+                    try:
+                        for file, head, payload in self._files(op):
+                            files.append(file)
+                            file.fd = os.open(file.tmp, _CREATE, 0o600)
+                            _write_all(file.fd, head)
+                            _write_all(file.fd, payload)
+                    except OSError as exc:
+                        results[index] = exc
+            for index, files in staged.items():
+                if results[index] is None:
+                    try:
+                        for file in files:
+                            os.fsync(file.fd)
+                    except OSError as exc:
+                        results[index] = exc
+        finally:
+            for files in staged.values():
+                for file in files:
+                    if file.fd >= 0:
+                        _close_quietly(file.fd)
+                        file.fd = -1
+            for index, files in staged.items():
+                if results[index] is not None:
+                    _undo(files, keep_finals=False)
+
+        touched: dict[str, list[int]] = {}
+        for index in run:
+            if results[index] is not None:
+                continue
+            op = ops[index]
+            try:
+                if isinstance(op, Remove):
+                    # Envelope first: metadata left alone is cleaned up at the
+                    # next scan, an envelope left alone would be delivered again.
+                    for path, directory in (
+                        (self.env_path(op.id), self.env_dir),
+                        (self.meta_path(op.id), self.meta_dir),
+                    ):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            continue
+                        touched.setdefault(directory, []).append(index)
+                else:
+                    for file in staged[index]:
+                        os.replace(file.tmp, file.final)
+                        file.renamed = True
+                        touched.setdefault(os.path.dirname(file.final), []).append(index)
+            except OSError as exc:
+                results[index] = exc
+                if index in staged:
+                    _undo(staged[index], keep_finals=isinstance(op, PutMeta))
+
+        for directory, users in touched.items():
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                for index in users:
+                    if results[index] is None:
+                        results[index] = exc
+                        # A new message the caller is told failed must not be
+                        # delivered later; replaced metadata cannot be undone.
+                        if isinstance(ops[index], NewMessage):
+                            _undo(staged[index], keep_finals=False)
+
+    # -- recovery ----------------------------------------------------------------
+
+    def quarantine(
+        self, id: str, reason: str, result: QuarantineResult | None = None
+    ) -> QuarantineResult:
+        """Move every file of message *id* to the quarantine directory.
+
+        A file that cannot be moved stays where it is (and is reported):
+        damaged mail is set aside for a human, never deleted.
+        """
+        if result is None:
+            result = QuarantineResult()
+        dirty = set()
+        for path in (self.env_path(id), self.meta_path(id)):
+            if self._quarantine_file(id, path, reason, result):
+                dirty.add(os.path.dirname(path))
+        if dirty:
+            for directory in (self.quarantine_dir, *dirty):
+                fsync_dir(directory)
+        return result
+
+    def _quarantine_file(self, id: str, path: str, reason: str, result: QuarantineResult) -> bool:
+        """Move one file to quarantine; :returns: whether it was moved."""
+        if not os.path.lexists(path):
+            return False
+        name = os.path.basename(path)
+        target = os.path.join(self.quarantine_dir, name)
+        for copy in itertools.count(1):
+            if not os.path.lexists(target):
+                break
+            target = os.path.join(self.quarantine_dir, f"{name}.{copy}")
+        try:
+            try:
+                os.rename(path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # The quarantine is on another filesystem: copy, make the
+                # copy durable, and only then remove the original.
+                shutil.copy2(path, target)
+                with open(target, "rb") as copied:
+                    os.fsync(copied.fileno())
+                fsync_dir(self.quarantine_dir)
+                os.unlink(path)
+        except OSError as exc:
+            result.stuck.append((id, path, str(exc), reason))
+            return False
+        result.moved.append((id, path, target, reason))
+        return True
+
+    def scan(self, known: frozenset[str], now: float) -> ScanResult:
+        """Repair the spool after a crash and list every complete message.
+
+        * leftover temporary files are removed;
+        * a message whose envelope is damaged or unreadable is moved to the
+          quarantine directory, metadata included;
+        * damaged or unreadable metadata is quarantined and the message
+          recovered with fresh metadata (attempts 0, due at *now*), and so is
+          an envelope that has no metadata at all;
+        * metadata without an envelope is removed: there is nothing to
+          deliver, and the envelope is always renamed into place before its
+          metadata and removed before it.
+
+        Files of ids in *known* are not read again, only looked for.
+        """
+        result = ScanResult(temps_removed=self._remove_temps())
+        envs = _ids_in(self.env_dir, _ENV_NAME)
+        metas = _ids_in(self.meta_dir, _META_NAME)
+        fresh: list[PutMeta] = []
+        orphans_removed = False
+        for id in sorted(envs | metas):
+            if id not in envs:
+                try:
+                    os.unlink(self.meta_path(id))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    result.errors.append((id, "remove metadata without envelope", str(exc)))
+                    continue
+                result.orphans.append(id)
+                orphans_removed = True
+                continue
+            if id in known and id in metas:
+                result.metas[id] = None
+                continue
+            try:
+                read_framed(self.env_path(id), ENVELOPE)
+            except (CorruptFile, OSError) as exc:
+                self.quarantine(id, f"envelope: {_describe(exc)}", result.quarantine)
+                continue
+            if id in metas:
+                try:
+                    result.metas[id] = decode_meta(read_framed(self.meta_path(id), META))
+                    continue
+                except (CorruptFile, OSError) as exc:
+                    reason = f"metadata: {_describe(exc)}"
+                    if not self._quarantine_file(id, self.meta_path(id), reason, result.quarantine):
+                        # It stays, so a replacement cannot be renamed over
+                        # it; deliver from memory, leave the file for a human.
+                        result.metas[id] = Meta(now, 0, frozenset())
+                        continue
+            else:
+                reason = "no metadata"
+            meta = Meta(now, 0, frozenset())
+            result.metas[id] = meta
+            result.recovered.append((id, reason))
+            fresh.append(PutMeta(id, meta))
+        if fresh:
+            outcomes: list[object] = [None] * len(fresh)
+            self._group_commit(fresh, range(len(fresh)), outcomes)
+            for op, outcome in zip(fresh, outcomes, strict=True):
+                if outcome is not None:
+                    # The message stays deliverable from memory; the next
+                    # metadata update or scan tries again.
+                    result.errors.append((op.id, "write fresh metadata", str(outcome)))
+        dirty = set()
+        if orphans_removed:
+            dirty.add(self.meta_dir)
+        if result.temps_removed:
+            dirty.add(self.tmp_dir)
+        if result.quarantine.moved:
+            dirty.update((self.quarantine_dir, self.env_dir, self.meta_dir))
+        for directory in dirty:
+            fsync_dir(directory)
+        return result
+
+
+def _ids_in(directory: str, pattern: re.Pattern[str]) -> set[str]:
+    ids = set()
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if match is not None:
+            ids.add(match.group(1))
+    return ids
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _close_quietly(fd: int) -> None:
+    # The data was fsynced (or the op already failed), so a close error
+    # cannot change the outcome.
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _undo(files: Sequence[_File], *, keep_finals: bool) -> None:
+    """Remove what a failed op left: its temporary files, and its final files
+    unless *keep_finals*. Best effort: the op has failed already."""
+    for file in files:
+        path = file.final if file.renamed else file.tmp
+        if file.renamed and keep_finals:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        file.renamed = False

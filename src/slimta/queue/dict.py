@@ -1,0 +1,132 @@
+"""A :class:`~slimta.queue.QueueStorage` kept in two mappings (memory by default)."""
+
+from __future__ import annotations
+
+import pickle
+import shelve
+import uuid
+from collections.abc import MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from slimta.logging import getQueueStorageLogger
+from slimta.queue import QueueError, QueueStorage
+
+if TYPE_CHECKING:
+    from slimta.envelope import Envelope
+
+__all__ = ["DictStorage"]
+
+log = getQueueStorageLogger(__name__)
+
+
+class DictStorage(QueueStorage):
+    """Queue storage over two mappings: envelopes and their metadata.
+
+    With the default new dicts, messages live only as long as the process.
+    Two :mod:`shelve` objects give crude persistence: each metadata dict is
+    assigned back after every change so a shelf writes it out.
+
+    Ids are random (``uuid4().hex``). ``meta_db[id]`` is ``{'timestamp':
+    float, 'attempts': int}``. Recipients marked delivered are deleted from
+    the stored envelope, so indexes given to
+    :meth:`set_recipients_delivered` refer to the envelope of the latest
+    :meth:`get` (see :class:`~slimta.queue.QueueStorage`).
+
+    Every operation is logged through a
+    :class:`~slimta.logging.queuestorage.QueueStorageLogger`.
+
+    :param envelope_db: mapping from id to :class:`~slimta.envelope.Envelope`;
+        default a new dict.
+    :param meta_db: mapping from id to the metadata dict; default a new dict.
+
+    .. versionchanged:: 4.0
+       Over mappings that are not shelves, :meth:`write` stores a private
+       copy and :meth:`get` returns one (a pickle round trip, as a durable
+       backend makes), so changes to an envelope being delivered, such as
+       those of relay policies, never reach the stored message.
+    """
+
+    def __init__(
+        self,
+        envelope_db: MutableMapping[str, Envelope] | None = None,
+        meta_db: MutableMapping[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        # "is None", not "or": an empty shelf is false.
+        #: Envelopes by id.
+        self.env_db: MutableMapping[str, Envelope] = envelope_db if envelope_db is not None else {}
+        #: Metadata dicts by id.
+        self.meta_db: MutableMapping[str, dict[str, Any]] = meta_db if meta_db is not None else {}
+        # A shelf pickles on every write and unpickles on every read already.
+        self._copies = not isinstance(self.env_db, shelve.Shelf)
+
+    def _copy(self, envelope: Envelope) -> Envelope:
+        if not self._copies:
+            return envelope
+        copied: Envelope = pickle.loads(pickle.dumps(envelope, pickle.HIGHEST_PROTOCOL))
+        return copied
+
+    def _update_meta(self, id: str, **what: Any) -> None:
+        meta = self.meta_db[id]
+        meta.update(what)
+        self.meta_db[id] = meta  # assigned back, so a shelf stores the change
+        log.update_meta(id, **what)
+
+    def write(self, envelope: Envelope, timestamp: float) -> str:
+        """Store *envelope*, first attempt at *timestamp*.
+
+        :returns: the new id.
+        :raises QueueError: *envelope* cannot be pickled.
+        """
+        try:
+            stored = self._copy(envelope)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise QueueError(f"Cannot store message: {exc}") from exc
+        while True:
+            id = uuid.uuid4().hex
+            if id not in self.env_db:
+                break
+        self.env_db[id] = stored
+        self.meta_db[id] = {"timestamp": timestamp, "attempts": 0}
+        log.write(id, envelope)
+        return id
+
+    def set_timestamp(self, id: str, timestamp: float) -> None:
+        """Store the next attempt time of message *id*."""
+        self._update_meta(id, timestamp=timestamp)
+
+    def increment_attempts(self, id: str) -> int:
+        """Count one more attempt of message *id*; :returns: the new count."""
+        attempts: int = self.meta_db[id]["attempts"] + 1
+        self._update_meta(id, attempts=attempts)
+        return attempts
+
+    def set_recipients_delivered(self, id: str, rcpt_indexes: Sequence[int]) -> None:
+        """Delete the recipients at *rcpt_indexes* from stored message *id*."""
+        envelope = self.env_db[id]
+        self._remove_delivered_rcpts(envelope, rcpt_indexes)
+        self.env_db[id] = envelope
+        log.update_meta(id, delivered_indexes=list(rcpt_indexes))
+
+    def load(self) -> list[tuple[float, str]]:
+        """Every stored message as ``(timestamp, id)``."""
+        return [(meta["timestamp"], id) for id, meta in self.meta_db.items()]
+
+    def get(self, id: str) -> tuple[Envelope, int]:
+        """Message *id* and its attempt count.
+
+        :raises KeyError: *id* is not stored.
+        """
+        envelope = self.env_db[id]
+        meta = self.meta_db[id]
+        return self._copy(envelope), meta["attempts"]
+
+    def remove(self, id: str) -> None:
+        """Delete message *id*; an unknown id is ignored."""
+        self.env_db.pop(id, None)
+        self.meta_db.pop(id, None)
+        log.remove(id)
+
+    def get_info(self) -> dict[str, Any]:
+        """``{'size': <envelopes>, 'meta_size': <metadata entries>}``."""
+        return {"size": len(self.env_db), "meta_size": len(self.meta_db)}
