@@ -82,8 +82,16 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.queue": {"Queue", "QueueStorage", "QueueError"},
     "slimta.queue.dict": {"DictStorage"},
     "slimta.queue.proxy": {"ProxyQueue"},
+    # [4.6], [4.9]
+    "slimta.smtp.datasender": {"DataSender"},
+    "slimta.smtp.client": {"Client", "LmtpClient"},
     # [7]
     "slimta.relay": {"PermanentRelayError", "TransientRelayError", "Relay"},
+    "slimta.relay.pool": {"RelayPool", "RelayPoolClient"},
+    "slimta.relay.smtp": {"SmtpRelayError", "SmtpTransientRelayError", "SmtpPermanentRelayError"},
+    "slimta.relay.smtp.client": {"SmtpRelayClient"},
+    "slimta.relay.smtp.lmtpclient": {"LmtpRelayClient"},
+    "slimta.relay.smtp.static": {"StaticSmtpRelay", "StaticLmtpRelay"},
     "slimta.relay.blackhole": {"BlackholeRelay"},
     # [8]
     "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},

@@ -1,0 +1,398 @@
+"""The pooled client greenlet that delivers messages over SMTP.
+
+One :class:`SmtpRelayClient` runs one connection (spec 7.5):
+
+1. connect (``[CONNECT]``) and read the banner (``[BANNER]``), after the TLS
+   handshake with *tls_immediately*;
+2. EHLO, falling back to HELO when EHLO is answered with 500;
+3. STARTTLS whenever advertised (or *tls_required*), then EHLO again;
+4. AUTH with *credentials*;
+5. per message: MAIL, RCPT each recipient, DATA (pipelined when possible),
+   the data; per-recipient results; RSET after a failure;
+6. more messages over the same connection while they arrive within
+   *idle_timeout*; a connection the server spoke on while idle is dropped
+   and its request re-queued;
+7. QUIT.
+
+Every network step runs under a :class:`gevent.Timeout` started (and
+caught) here, so no step can hang: a timeout becomes
+``421 4.4.2 Connection timed out``, a socket error
+``451 4.3.0 Connection failed``, a broken session (closed connection,
+unparsable reply) the server's last 421 or ``421 4.3.0 <error>``.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.socket
+from gevent.event import AsyncResult
+
+from slimta import logging as slogging
+from slimta.relay import RelayError
+from slimta.relay.pool import RelayPoolClient
+from slimta.relay.smtp import SmtpPermanentRelayError, SmtpRelayError, SmtpTransientRelayError
+from slimta.smtp import SmtpError
+from slimta.smtp._client import (
+    CONVERSION_NOT_ALLOWED,
+    SMTPUTF8_REQUIRED,
+    needs_binarymime,
+    needs_smtputf8,
+)
+from slimta.smtp.client import Client
+from slimta.smtp.reply import Reply, tls_failure
+
+if TYPE_CHECKING:
+    from slimta.envelope import Envelope
+    from slimta.util.deque import BlockingDeque
+
+__all__ = ["SmtpRelayClient"]
+
+
+class _StepTimeout(Exception):
+    """A step's own deadline passed; never caught by anything else."""
+
+    def __init__(self, command: bytes) -> None:
+        super().__init__(command)
+        self.command = command
+
+
+def _is_8bit(*parts: bytes) -> bool:
+    return not all(part.isascii() for part in parts)
+
+
+class SmtpRelayClient(RelayPoolClient):
+    """Delivers queued messages to one SMTP server, reusing the connection.
+
+    :param address: ``(host, port)`` of the server; ``host`` is also the TLS
+        server name.
+    :param queue: the pool's request queue.
+    :param socket_creator: ``f((host, port)) -> socket``; defaults to
+        :func:`gevent.socket.create_connection`.
+    :param ehlo_as: the EHLO name, or ``f((host, port)) -> str``; defaults to
+        :func:`socket.getfqdn`.
+    :param context: the client :class:`ssl.SSLContext`;
+        ``ssl.create_default_context()`` when ``None``.
+    :param tls_immediately: TLS from the first byte (port 465).
+    :param tls_required: no TLS means no delivery.
+    :param connect_timeout: seconds to connect.
+    :param command_timeout: seconds for each command's reply.
+    :param data_timeout: seconds to send the data and read its reply;
+        ``None`` uses *command_timeout*.
+    :param idle_timeout: seconds to keep the connection for another message;
+        ``None`` sends QUIT after one.
+    :param credentials: ``(authcid, secret[, authzid[, mechanism]])`` or a
+        callable returning it.
+    :param binary_encoder: an :mod:`email.encoders` function for
+        :meth:`~slimta.envelope.Envelope.encode_7bit`, used when the server
+        lacks 8BITMIME.
+
+    .. versionchanged:: 4.0
+       *context* replaces ``tls``; STARTTLS is opportunistic; EHLO answered
+       with 500 falls back to HELO; a failed STARTTLS handshake ends the
+       attempt with a transient error.
+    """
+
+    #: The protocol client class.
+    _client_class: type[Client] = Client
+
+    def __init__(
+        self,
+        address: Any,
+        queue: BlockingDeque[Any],
+        socket_creator: Callable[[Any], Any] | None = None,
+        ehlo_as: str | Callable[[Any], str] | None = None,
+        context: ssl.SSLContext | None = None,
+        tls_immediately: bool = False,
+        tls_required: bool = False,
+        connect_timeout: float | None = 10.0,
+        command_timeout: float | None = 10.0,
+        data_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        credentials: Any = None,
+        binary_encoder: Callable[[Any], None] | None = None,
+    ) -> None:
+        super().__init__(queue, idle_timeout)
+        self.address = address
+        self.socket_creator = socket_creator or gevent.socket.create_connection
+        self.ehlo_as = ehlo_as
+        self.context = context
+        self.tls_immediately = tls_immediately
+        self.tls_required = tls_required
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout if data_timeout is not None else command_timeout
+        self.credentials = credentials
+        self.binary_encoder = binary_encoder
+        #: The protocol client while connected.
+        self.client: Client | None = None
+        self._result: AsyncResult | None = None
+        self._step = b"[CONNECT]"
+        self._broken = False
+
+    # ---------------------------------------------------------------- helpers
+    @contextmanager
+    def _deadline(self, seconds: float | None, command: bytes) -> Iterator[None]:
+        self._step = command
+        if seconds is None:
+            yield
+            return
+        timeout = gevent.Timeout(seconds, _StepTimeout(command))
+        timeout.start()
+        try:
+            yield
+        finally:
+            timeout.close()
+
+    def _require(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("not connected")
+        return self.client
+
+    def _reply(self, code: str, message: str, command: bytes) -> Reply:
+        return Reply(code, message, command=command, address=self.address)
+
+    def _get_context(self) -> ssl.SSLContext:
+        if self.context is None:
+            self.context = ssl.create_default_context()
+        return self.context
+
+    def _get_ehlo_as(self) -> str:
+        ehlo_as = self.ehlo_as
+        if ehlo_as is None:
+            return _socket.getfqdn()
+        if callable(ehlo_as):
+            return ehlo_as(self.address)
+        return ehlo_as
+
+    def _fail(self, exc: BaseException) -> None:
+        result = self._result
+        self._result = None
+        if result is not None and not result.ready():
+            result.set_exception(exc)
+
+    # ------------------------------------------------------------- connection
+    def _connect(self) -> None:
+        with self._deadline(self.connect_timeout, b"[CONNECT]"):
+            sock = self.socket_creator(self.address)
+        self.client = client = self._client_class(sock, self.address)
+        if self.tls_immediately:
+            with self._deadline(self.command_timeout, b"[TLS]"):
+                ok = client.encrypt(self._get_context())
+            if not ok:
+                self._broken = True
+                reply = self._reply("421", "", b"[TLS]").copy(tls_failure)
+                raise SmtpTransientRelayError(reply)
+        with self._deadline(self.command_timeout, b"[BANNER]"):
+            banner = client.get_banner()
+        if banner.is_error():
+            raise SmtpRelayError.factory(banner)
+
+    def _hello(self, client: Client) -> Reply:
+        ehlo_as = self._get_ehlo_as()
+        with self._deadline(self.command_timeout, b"EHLO"):
+            reply = client.ehlo(ehlo_as)
+            if reply.code == "500":
+                # 4.0: a server that does not know EHLO gets HELO.
+                self._step = b"HELO"
+                reply = client.helo(ehlo_as)
+        return reply
+
+    def _handshake(self) -> None:
+        client = self._require()
+        reply = self._hello(client)
+        if reply.is_error():
+            raise SmtpRelayError.factory(reply)
+        if not client.io.encrypted and (self.tls_required or "STARTTLS" in client.extensions):
+            with self._deadline(self.command_timeout, b"STARTTLS"):
+                reply = client.starttls(self._get_context())
+            if reply.code == "220":
+                reply = self._hello(client)
+                if reply.is_error():
+                    raise SmtpRelayError.factory(reply)
+            elif reply.code == "421" or self.tls_required:
+                # 421 includes a handshake that failed after 220: the
+                # socket is closed, never go on in plaintext over it.
+                self._broken = reply.code == "421"
+                raise SmtpRelayError.factory(reply)
+        if self.credentials is not None:
+            creds = self.credentials() if callable(self.credentials) else self.credentials
+            with self._deadline(self.command_timeout, b"AUTH"):
+                reply = client.auth(*creds)
+            if reply.is_error():
+                raise SmtpRelayError.factory(reply)
+
+    def _disconnect(self) -> None:
+        client = self.client
+        self.client = None
+        if client is None:
+            return
+        try:
+            if not self._broken:
+                with self._deadline(self.command_timeout, b"QUIT"):
+                    client.quit()
+        except (SmtpError, OSError, ValueError, _StepTimeout):
+            pass
+        finally:
+            client.io.close()
+
+    # --------------------------------------------------------------- delivery
+    def _prepare(self, client: Client, envelope: Envelope) -> tuple[bytes, bytes, str | None, bool]:
+        """Headers, body, ``BODY=`` value and whether to use BDAT."""
+        ext = client.extensions
+        header, body = envelope.flatten()
+        if needs_binarymime(header, body) and "CHUNKING" in ext and "BINARYMIME" in ext:
+            return header, body, "BINARYMIME", True
+        if not _is_8bit(header, body):
+            return header, body, None, False
+        if "8BITMIME" in ext:
+            return header, body, "8BITMIME", False
+        try:
+            envelope.encode_7bit(self.binary_encoder)
+        except UnicodeError:
+            raise SmtpPermanentRelayError(self._reply(*CONVERSION_NOT_ALLOWED, b"DATA")) from None
+        header, body = envelope.flatten()
+        return header, body, None, False
+
+    def _send_message(self, client: Client, header: bytes, body: bytes, bdat: bool) -> Any:
+        with self._deadline(self.data_timeout, b"[SEND_DATA]"):
+            if bdat:
+                return client.send_bdat(header, body, binary=True)
+            return client.send_data(header, body)
+
+    def _close_data(self, client: Client, data: Reply) -> None:
+        # RFC 2920 3.1: DATA was answered 354 though nothing may be sent.
+        if data.code == "354":
+            with self._deadline(self.data_timeout, b"[SEND_DATA]"):
+                client.send_empty_data()
+
+    def _results(
+        self, rcpts: list[tuple[str, Reply]], final: Any
+    ) -> dict[str, Reply | RelayError | None]:
+        results: dict[str, Reply | RelayError | None] = {}
+        for rcpt, reply in rcpts:
+            results[rcpt] = SmtpRelayError.factory(reply) if reply.is_error() else final
+        return results
+
+    def _transaction(
+        self, client: Client, envelope: Envelope
+    ) -> dict[str, Reply | RelayError | None]:
+        sender = envelope.sender or ""
+        recipients = list(envelope.recipients)
+        utf8 = needs_smtputf8(sender, recipients)
+        if utf8 and "SMTPUTF8" not in client.extensions:
+            # RFC 6531 3.2: no downgrade; refuse without a round trip.
+            raise SmtpPermanentRelayError(self._reply(*SMTPUTF8_REQUIRED, b"MAIL"))
+        header, body, body_type, bdat = self._prepare(client, envelope)
+        with self._deadline(self.command_timeout, b"MAIL"):
+            mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
+        if mail and mail.is_error():
+            raise SmtpRelayError.factory(mail)
+        rcpts: list[tuple[str, Reply]] = []
+        for rcpt in recipients:
+            with self._deadline(self.command_timeout, b"RCPT"):
+                rcpts.append((rcpt, client.rcptto(rcpt)))
+        if all(reply and reply.is_error() for _, reply in rcpts):
+            # Every RCPT already refused (no pipelining): DATA is pointless.
+            first = rcpts[0][1] if rcpts else self._reply("554", "5.5.1 No recipients", b"RCPT")
+            raise SmtpRelayError.factory(first)
+        with self._deadline(self.command_timeout, b"DATA"):
+            data = client.data() if not bdat else Reply(command=b"DATA")
+            client.flush_pipeline()
+        if mail.is_error():
+            self._close_data(client, data)
+            raise SmtpRelayError.factory(mail)
+        if not rcpts or all(reply.is_error() for _, reply in rcpts):
+            self._close_data(client, data)
+            first = rcpts[0][1] if rcpts else self._reply("554", "5.5.1 No recipients", b"RCPT")
+            raise SmtpRelayError.factory(first)
+        if data.is_error():
+            raise SmtpRelayError.factory(data)
+        final = self._send_message(client, header, body, bdat)
+        return self._finish(client, rcpts, final)
+
+    def _finish(
+        self, client: Client, rcpts: list[tuple[str, Reply]], final: Any
+    ) -> dict[str, Reply | RelayError | None]:
+        """The per-recipient results from the reply to the data."""
+        if final.is_error():
+            raise SmtpRelayError.factory(final)
+        return self._results(rcpts, final)
+
+    def _deliver(self, result: AsyncResult, envelope: Envelope) -> None:
+        client = self._require()
+        self._result = result
+        try:
+            results = self._transaction(client, envelope)
+        except SmtpRelayError as exc:
+            # RSET before the result is set: once it is, the next request may
+            # come at once and should find this client idle.
+            try:
+                if exc.reply.code == "421":
+                    self._broken = True
+                else:
+                    with self._deadline(self.command_timeout, b"RSET"):
+                        client.rset()
+                        client.flush_pipeline()
+            except (SmtpError, OSError, _StepTimeout):
+                self._broken = True
+            finally:
+                self._fail(exc)
+            return
+        self._result = None
+        result.set(results)
+
+    # -------------------------------------------------------------------- run
+    def _idle_connection_gone(self) -> bool:
+        client = self._require()
+        return client.has_reply_waiting()
+
+    def _run(self) -> None:
+        result, envelope = self.poll()
+        if result is None or envelope is None:
+            return
+        self._result = result
+        try:
+            self._connect()
+            self._handshake()
+            while result is not None and envelope is not None:
+                self._deliver(result, envelope)
+                if self.idle_timeout is None or self._broken:
+                    break
+                result, envelope = self.poll()
+                if result is not None and self._idle_connection_gone():
+                    # Step 8: the server spoke (timeout notice or close) while
+                    # we were idle; someone else takes the message.
+                    self.queue.appendleft((result, envelope))
+                    self._broken = True
+                    break
+        except SmtpRelayError as exc:
+            self._fail(exc)
+        except _StepTimeout as exc:
+            self._broken = True
+            reply = self._reply("421", "4.4.2 Connection timed out", exc.command)
+            self._fail(SmtpTransientRelayError(reply))
+        except SmtpError as exc:
+            self._broken = True
+            last = self.client.last_error if self.client is not None else None
+            if last is not None and last.code == "421":
+                reply = last
+            else:
+                reply = self._reply("421", f"4.3.0 {exc}", self._step)
+            self._fail(SmtpTransientRelayError(reply))
+        except OSError:
+            self._broken = True
+            self._fail(
+                SmtpTransientRelayError(self._reply("451", "4.3.0 Connection failed", self._step))
+            )
+        except Exception as exc:
+            self._broken = True
+            slogging.log_exception(__name__)
+            self._fail(exc)
+        finally:
+            self._disconnect()

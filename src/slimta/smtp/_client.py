@@ -1,0 +1,434 @@
+"""The sans-IO SMTP client: commands out as bytes, replies in as bytes.
+
+Usage by an adapter::
+
+    conn = ClientConnection()
+    conn.expect(b"[BANNER]")                 # a reply with no command
+    conn.send_command(b"EHLO", b"client.example")
+    send(conn.data_to_send())
+    while (got := conn.next_reply()) is None:
+        conn.receive_data(recv())
+    command, reply = got
+
+Every command (or block of message data) queued with :meth:`send_command`,
+:meth:`send_data` or :meth:`expect` waits for its reply(ies) in order; each
+reply received is matched with the oldest command still waiting, so
+pipelined groups (RFC 2920) need no bookkeeping by the adapter. Whether a
+command may wait in a group or must end it is :meth:`ends_group`.
+
+The module also holds the rules a client applies to what it sends:
+
+* message data: line endings normalised to CRLF, then dot-stuffing, then
+  ``CRLF . CRLF`` (RFC 5321 4.5.2, 2.3.8; SMTP smuggling, see
+  :class:`DotStuffer`);
+* BDAT framing (RFC 3030, :func:`bdat_frames`);
+* which envelopes need SMTPUTF8 (RFC 6531) or 8BITMIME (RFC 6152);
+* client SASL for PLAIN, LOGIN and CRAM-MD5 (RFC 4954, 4616, 2195) and the
+  choice of mechanism among those advertised.
+
+Nothing here does I/O, keeps time or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+
+from slimta.smtp._reply import ParsedReply, ReplyParser
+from slimta.smtp.extensions import Extensions
+
+__all__ = [
+    "CONVERSION_NOT_ALLOWED",
+    "SMTPUTF8_REQUIRED",
+    "ClientConnection",
+    "DotStuffer",
+    "SaslClient",
+    "bdat_frames",
+    "choose_mechanism",
+    "dot_stuff",
+    "is_ascii",
+    "mail_argument",
+    "needs_binarymime",
+    "needs_smtputf8",
+    "normalize_line_endings",
+    "rcpt_argument",
+]
+
+#: Local refusal of a non-ASCII address to a server without SMTPUTF8
+#: (RFC 6531 3.2; Postfix uses the same code and wording).
+SMTPUTF8_REQUIRED = ("553", "5.6.7 Must declare SMTPUTF8 to send unicode address")
+#: Local refusal of 8-bit content that cannot be made 7-bit (RFC 3463 5.6.3).
+CONVERSION_NOT_ALLOWED = ("554", "5.6.3 Conversion not allowed")
+
+#: Commands that must end a pipelined group (RFC 2920 3.1); BDAT chunks may
+#: be pipelined (RFC 3030 4) and are not listed here.
+_GROUP_MEMBERS = frozenset({b"MAIL", b"RCPT", b"RSET"})
+#: Command verbs: letters only, or a bracketed pseudo-command name.
+_VERB = re.compile(rb"[A-Za-z]+\Z")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+#: Longest line of text content (RFC 5321 4.5.3.1.6), CRLF excluded.
+_TEXT_LINE_LIMIT = 998
+#: Default BDAT chunk size: large enough to be cheap, small enough to stream.
+BDAT_CHUNK_SIZE = 1 << 20
+
+
+def is_ascii(text: str) -> bool:
+    """True when *text* has only ASCII characters."""
+    return text.isascii()
+
+
+def needs_smtputf8(sender: str | None, recipients: Iterable[str]) -> bool:
+    """True when the envelope has a non-ASCII address (RFC 6531 3.4)."""
+    if sender and not sender.isascii():
+        return True
+    return any(not rcpt.isascii() for rcpt in recipients)
+
+
+def needs_binarymime(*parts: bytes) -> bool:
+    """True when the content cannot travel as text: NUL or over-long lines.
+
+    Such content needs ``BODY=BINARYMIME`` and BDAT (RFC 3030 3).
+    """
+    for part in parts:
+        if b"\x00" in part:
+            return True
+        if len(part) > _TEXT_LINE_LIMIT and any(
+            len(line) > _TEXT_LINE_LIMIT for line in _LINE_BREAK.split(part)
+        ):
+            return True
+    return False
+
+
+def _check_arg(value: bytes) -> bytes:
+    # A CR or LF in an argument would let a caller's data inject a command.
+    if b"\r" in value or b"\n" in value or b"\x00" in value:
+        raise ValueError("line break or NUL in a command argument", value)
+    return value
+
+
+def _encode_address(address: str, utf8: bool) -> bytes:
+    return address.encode("utf-8" if utf8 else "ascii")
+
+
+def mail_argument(
+    address: str,
+    *,
+    size: int | None = None,
+    smtputf8: bool = False,
+    body: str | None = None,
+) -> bytes:
+    """The argument of ``MAIL``: ``FROM:<address>`` and its parameters.
+
+    :param address: the reverse-path without ``<>``; ``''`` is the null sender.
+    :param size: the ``SIZE=`` parameter (RFC 1870).
+    :param smtputf8: add ``SMTPUTF8`` and encode the address as UTF-8.
+    :param body: the ``BODY=`` value: ``'8BITMIME'`` or ``'BINARYMIME'``.
+    :raises UnicodeEncodeError: a non-ASCII address without *smtputf8*.
+    :raises ValueError: a line break or NUL in the address.
+    """
+    arg = b"FROM:<" + _encode_address(address, smtputf8) + b">"
+    if size is not None:
+        arg += b" SIZE=%d" % size
+    if body is not None:
+        arg += b" BODY=" + body.encode("ascii")
+    if smtputf8:
+        arg += b" SMTPUTF8"
+    return _check_arg(arg)
+
+
+def rcpt_argument(address: str, *, smtputf8: bool = False) -> bytes:
+    """The argument of ``RCPT``: ``TO:<address>``.
+
+    :raises UnicodeEncodeError: a non-ASCII address without *smtputf8*.
+    :raises ValueError: a line break or NUL in the address.
+    """
+    return _check_arg(b"TO:<" + _encode_address(address, smtputf8) + b">")
+
+
+# ---------------------------------------------------------------- message data
+def normalize_line_endings(data: bytes) -> bytes:
+    """Turn every CRLF, bare CR and bare LF into CRLF (RFC 5321 2.3.8)."""
+    return _LINE_BREAK.sub(b"\r\n", data)
+
+
+class DotStuffer:
+    """Encodes message data for DATA, one part at a time.
+
+    Line endings are normalised to CRLF *before* dot-stuffing, so that no
+    sequence in the content (``LF . LF``, ``CR . CR`` and the like) can reach
+    the server as, or be read by a lenient one as, the end of data: the only
+    ``CRLF . CRLF`` on the wire is the one :meth:`end` adds. A CR ending one
+    part and an LF starting the next form one line break, as they would in
+    the joined data.
+    """
+
+    __slots__ = ("_cr_pending", "_line_start")
+
+    def __init__(self) -> None:
+        self._cr_pending = False
+        self._line_start = True
+
+    def feed(self, part: bytes) -> bytes:
+        """Encode the next part of the message; returns the bytes to send."""
+        if not part:
+            return b""
+        if self._cr_pending and part.startswith(b"\n"):
+            part = part[1:]
+        self._cr_pending = part.endswith(b"\r")
+        if not part:
+            return b""
+        out = normalize_line_endings(part)
+        # RFC 5321 4.5.2: double a dot at the start of every line.
+        out = out.replace(b"\r\n.", b"\r\n..")
+        if self._line_start and out.startswith(b"."):
+            out = b"." + out
+        self._line_start = out.endswith(b"\r\n")
+        return out
+
+    @property
+    def end_marker(self) -> bytes:
+        """What ends the data now: ``.CRLF`` after a line break, else ``CRLF.CRLF``."""
+        return b".\r\n" if self._line_start else b"\r\n.\r\n"
+
+    def end(self) -> bytes:
+        """The end-of-data marker; feed nothing afterwards."""
+        return self.end_marker
+
+
+def dot_stuff(*parts: bytes) -> list[bytes]:
+    """Every chunk to send for message data *parts*, the end marker last."""
+    stuffer = DotStuffer()
+    chunks = [chunk for chunk in (stuffer.feed(part) for part in parts) if chunk]
+    chunks.append(stuffer.end())
+    return chunks
+
+
+def bdat_frames(
+    parts: Sequence[bytes], *, binary: bool = False, chunk_size: int = BDAT_CHUNK_SIZE
+) -> Iterator[bytes]:
+    """Frame message data as BDAT chunks (RFC 3030 2), one bytes per chunk.
+
+    Each item is ``BDAT <n>[ LAST]\\r\\n`` followed by exactly *n* bytes; the
+    last has ``LAST`` (``BDAT 0 LAST`` for empty data). Unless *binary*
+    (``BODY=BINARYMIME``), the content is still normalised to CRLF, as text
+    in BDAT must be canonical (RFC 3030 3); it is never dot-stuffed.
+
+    :raises ValueError: *chunk_size* is not positive.
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive", chunk_size)
+    data = b"".join(parts)
+    if not binary:
+        data = normalize_line_endings(data)
+    total = len(data)
+    start = 0
+    while True:
+        chunk = data[start : start + chunk_size]
+        start += len(chunk)
+        if start >= total:
+            yield b"BDAT %d LAST\r\n" % len(chunk) + chunk
+            return
+        yield b"BDAT %d\r\n" % len(chunk) + chunk
+
+
+# ------------------------------------------------------------------------ SASL
+#: Mechanisms this client can run, best first when the session is encrypted.
+_TLS_PREFERENCE = (b"PLAIN", b"LOGIN", b"CRAM-MD5")
+#: Mechanisms usable without TLS: none that sends the secret in the clear.
+_CLEAR_PREFERENCE = (b"CRAM-MD5",)
+#: Mechanisms that send the secret in the clear (RFC 4954 4, 14).
+CLEARTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+
+
+def choose_mechanism(
+    advertised: str | None, encrypted: bool, requested: bytes | str | None = None
+) -> bytes | tuple[str, str]:
+    """Pick a SASL mechanism among those the server advertised.
+
+    :param advertised: the parameter of the EHLO ``AUTH`` keyword.
+    :param encrypted: the session runs under TLS.
+    :param requested: a mechanism the caller insists on.
+    :returns: the mechanism name, or a local ``(code, message)`` refusal when
+        none fits: ``504 5.5.4`` when not advertised (or not supported here),
+        ``538 5.7.11`` for a cleartext mechanism without TLS.
+
+    .. versionchanged:: 4.0
+       4.0 used PLAIN whatever the server advertised, even without TLS.
+    """
+    offered = {name.upper().encode("ascii", "replace") for name in (advertised or "").split()}
+    if requested is not None:
+        name = requested.encode("ascii") if isinstance(requested, str) else requested
+        name = name.upper()
+        if name not in offered or name not in _TLS_PREFERENCE:
+            return ("504", "5.5.4 Authentication mechanism not advertised or not supported")
+        if name in CLEARTEXT_MECHANISMS and not encrypted:
+            return ("538", "5.7.11 Encryption required for requested authentication mechanism")
+        return name
+    for name in _TLS_PREFERENCE if encrypted else _CLEAR_PREFERENCE:
+        if name in offered:
+            return name
+    return ("504", "5.5.4 No usable authentication mechanism advertised")
+
+
+class SaslClient:
+    """The client side of one SASL exchange (PLAIN, LOGIN or CRAM-MD5).
+
+    :param mechanism: the mechanism name, e.g. ``b'PLAIN'``.
+    :raises ValueError: for a mechanism not supported here.
+    """
+
+    __slots__ = ("_authcid", "_authzid", "_secret", "_step", "mechanism")
+
+    def __init__(self, mechanism: bytes, authcid: str, secret: str, authzid: str | None) -> None:
+        if mechanism not in _TLS_PREFERENCE:
+            raise ValueError("unsupported SASL mechanism", mechanism)
+        self.mechanism = mechanism
+        self._authcid = authcid
+        self._secret = secret
+        self._authzid = authzid
+        self._step = 0
+
+    def command_argument(self) -> bytes:
+        """The argument of the ``AUTH`` command: name and any initial response."""
+        if self.mechanism == b"PLAIN":
+            # RFC 4954 4: one round trip with an initial response.
+            authzid = self._authzid or ""
+            raw = f"{authzid}\0{self._authcid}\0{self._secret}".encode()
+            return b"PLAIN " + (base64.b64encode(raw) or b"=")
+        return self.mechanism
+
+    def respond(self, challenge_text: str) -> bytes:
+        """The base64 answer line for the text of a ``334`` reply.
+
+        :returns: the line to send; ``b'*'`` cancels a malformed exchange
+            (RFC 4954 4).
+        """
+        try:
+            challenge = base64.b64decode(challenge_text.strip().encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return b"*"
+        step = self._step
+        self._step += 1
+        if self.mechanism == b"LOGIN" and step < 2:
+            value = self._authcid if step == 0 else self._secret
+            return base64.b64encode(value.encode("utf-8")) or b"="
+        if self.mechanism == b"CRAM-MD5" and step == 0:
+            digest = hmac.new(self._secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+            return base64.b64encode(f"{self._authcid} {digest}".encode())
+        return b"*"
+
+
+# ------------------------------------------------------------------ connection
+class ClientConnection:
+    """One SMTP client session, without I/O.
+
+    :param extensions: the server's extensions; replaced after each EHLO by
+        the adapter (the core reads it when deciding on pipelining).
+    """
+
+    __slots__ = ("_out", "_parser", "_pending", "extensions")
+
+    def __init__(self, extensions: Extensions | None = None) -> None:
+        #: What the server advertised in its last EHLO (or LHLO) reply.
+        self.extensions = extensions if extensions is not None else Extensions()
+        self._parser = ReplyParser()
+        self._pending: deque[bytes] = deque()
+        self._out: list[bytes] = []
+
+    # ----------------------------------------------------------- outgoing
+    @property
+    def pipelining(self) -> bool:
+        """True when the server advertised PIPELINING (RFC 2920)."""
+        return "PIPELINING" in self.extensions
+
+    def ends_group(self, command: bytes) -> bool:
+        """Whether the adapter must flush and read replies after *command*.
+
+        Without PIPELINING every command ends its group. With it, MAIL, RCPT
+        and RSET may wait for a later command; EHLO, DATA, AUTH, STARTTLS,
+        QUIT and any unknown command end the group (RFC 2920 3.1).
+        """
+        return not (self.pipelining and command.upper() in _GROUP_MEMBERS)
+
+    def send_command(self, command: bytes, arg: bytes | None = None) -> None:
+        """Queue a command line; one reply is expected for it.
+
+        :raises ValueError: an invalid verb, or a line break in *arg*.
+        """
+        if _VERB.match(command) is None:
+            raise ValueError("invalid SMTP command verb", command)
+        line = command if arg is None else command + b" " + _check_arg(arg)
+        self._out.append(line + b"\r\n")
+        self._pending.append(command.upper())
+
+    def send_line(self, line: bytes, command: bytes) -> None:
+        """Queue an SASL response line; one reply (``334`` or final) follows.
+
+        :raises ValueError: a line break in *line*.
+        """
+        self._out.append(_check_arg(line) + b"\r\n")
+        self._pending.append(command)
+
+    def send_data(self, data: bytes, command: bytes = b"[SEND_DATA]", replies: int = 1) -> None:
+        """Queue already-encoded data (dot-stuffed, or a BDAT frame).
+
+        :param replies: how many replies it draws (LMTP: one per recipient).
+        """
+        self._out.append(data)
+        self._pending.extend([command] * replies)
+
+    def expect(self, command: bytes) -> None:
+        """Wait for a reply nothing was sent for (banner, unsolicited reply)."""
+        self._pending.append(command)
+
+    def data_to_send(self) -> bytes:
+        """Take the bytes queued so far."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def waiting(self) -> int:
+        """How many replies are still expected."""
+        return len(self._pending)
+
+    # ----------------------------------------------------------- incoming
+    def receive_data(self, data: bytes) -> None:
+        """Give the core bytes read from the server."""
+        self._parser.feed(data)
+
+    @property
+    def has_buffered(self) -> bool:
+        """True when received bytes are waiting to be parsed."""
+        return self._parser.has_buffered
+
+    def next_reply(self) -> tuple[bytes, ParsedReply] | None:
+        """The next complete reply and the command it answers, or ``None``.
+
+        A reply with no command waiting is matched with ``b'[UNSOLICITED]'``.
+
+        :raises ReplySyntaxError: the bytes are not a valid reply.
+        """
+        reply = self._parser.next_reply()
+        if reply is None:
+            return None
+        command = self._pending.popleft() if self._pending else b"[UNSOLICITED]"
+        return command, reply
+
+    def start_tls(self) -> bytes:
+        """Forget all state that must not survive a TLS upgrade.
+
+        Bytes received after the ``220`` to STARTTLS came in plaintext and may
+        have been injected (CVE-2021-38371): they are dropped and returned.
+        The extensions are cleared too; the client must EHLO again
+        (RFC 3207 4.2).
+        """
+        self._pending.clear()
+        self._out.clear()
+        self.extensions = Extensions()
+        return self._parser.take_buffered()

@@ -1,0 +1,256 @@
+"""The sans-IO SMTP client core: bytes out, replies in, no sockets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from slimta.smtp import _events as ev
+from slimta.smtp._client import (
+    CONVERSION_NOT_ALLOWED,
+    SMTPUTF8_REQUIRED,
+    ClientConnection,
+    SaslClient,
+    choose_mechanism,
+    mail_argument,
+    needs_binarymime,
+    needs_smtputf8,
+    rcpt_argument,
+)
+from slimta.smtp._reply import ReplySyntaxError
+from slimta.smtp._server import ServerConnection
+from slimta.smtp.extensions import Extensions
+
+
+def extensions(*names: str) -> Extensions:
+    ext = Extensions()
+    for name in names:
+        ext.add(name)
+    return ext
+
+
+def drain(conn: ClientConnection) -> list[tuple[bytes, str, str]]:
+    out = []
+    while (got := conn.next_reply()) is not None:
+        out.append((got[0], got[1].code, got[1].message))
+    return out
+
+
+# ---------------------------------------------------------------- matching
+def test_replies_match_commands_in_order() -> None:
+    conn = ClientConnection()
+    conn.expect(b"[BANNER]")
+    conn.send_command(b"EHLO", b"client.test")
+    assert conn.data_to_send() == b"EHLO client.test\r\n"
+    assert conn.waiting == 2
+    conn.receive_data(b"220 mx.test ESMTP\r\n250-mx.test\r\n250 PIPE")
+    assert drain(conn) == [(b"[BANNER]", "220", "mx.test ESMTP")]
+    conn.receive_data(b"LINING\r\n")
+    assert drain(conn) == [(b"EHLO", "250", "mx.test\r\nPIPELINING")]
+    assert conn.waiting == 0
+
+
+def test_unsolicited_reply() -> None:
+    conn = ClientConnection()
+    conn.receive_data(b"421 4.4.2 timeout\r\n")
+    assert drain(conn) == [(b"[UNSOLICITED]", "421", "4.4.2 timeout")]
+
+
+def test_bad_reply_raises() -> None:
+    conn = ClientConnection()
+    conn.expect(b"[BANNER]")
+    conn.receive_data(b"hello\r\n")
+    with pytest.raises(ReplySyntaxError):
+        conn.next_reply()
+
+
+@pytest.mark.parametrize(
+    ("advertised", "command", "ends"),
+    [
+        ((), b"MAIL", True),
+        ((), b"RCPT", True),
+        (("PIPELINING",), b"MAIL", False),
+        (("PIPELINING",), b"rcpt", False),
+        (("PIPELINING",), b"RSET", False),
+        (("PIPELINING",), b"DATA", True),
+        (("PIPELINING",), b"EHLO", True),
+        (("PIPELINING",), b"AUTH", True),
+        (("PIPELINING",), b"STARTTLS", True),
+        (("PIPELINING",), b"QUIT", True),
+        (("PIPELINING",), b"NOOP", True),
+    ],
+)
+def test_group_rules(advertised: tuple[str, ...], command: bytes, ends: bool) -> None:
+    assert ClientConnection(extensions(*advertised)).ends_group(command) is ends
+
+
+def test_command_injection_refused() -> None:
+    conn = ClientConnection()
+    with pytest.raises(ValueError):
+        conn.send_command(b"MAIL", b"FROM:<a@b>\r\nRCPT TO:<c@d>")
+    with pytest.raises(ValueError):
+        conn.send_command(b"MA IL")
+    with pytest.raises(ValueError):
+        rcpt_argument("a@b\n.com")
+    assert conn.data_to_send() == b""
+
+
+def test_start_tls_drops_injected_bytes() -> None:
+    conn = ClientConnection(extensions("PIPELINING", "STARTTLS"))
+    conn.send_command(b"STARTTLS")
+    conn.receive_data(b"220 2.0.0 go ahead\r\n250 injected\r\n")
+    got = conn.next_reply()
+    assert got is not None and (got[0], got[1].code) == (b"STARTTLS", "220")
+    assert conn.start_tls() == b"250 injected\r\n"
+    assert conn.next_reply() is None
+    assert "STARTTLS" not in conn.extensions
+
+
+# -------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, b"FROM:<a@example.com>"),
+        ({"size": 123}, b"FROM:<a@example.com> SIZE=123"),
+        ({"body": "8BITMIME"}, b"FROM:<a@example.com> BODY=8BITMIME"),
+        ({"smtputf8": True}, b"FROM:<a@example.com> SMTPUTF8"),
+    ],
+)
+def test_mail_argument(kwargs: dict[str, object], expected: bytes) -> None:
+    assert mail_argument("a@example.com", **kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_mail_argument_null_sender_and_utf8() -> None:
+    assert mail_argument("") == b"FROM:<>"
+    assert mail_argument("δ@example.com", smtputf8=True) == "FROM:<δ@example.com> SMTPUTF8".encode()
+    with pytest.raises(UnicodeEncodeError):
+        mail_argument("δ@example.com")
+
+
+def test_needs() -> None:
+    assert not needs_smtputf8("a@example.com", ["b@example.com"])
+    assert needs_smtputf8("", ["δ@example.com"])
+    assert needs_smtputf8("δ@example.com", [])
+    assert not needs_binarymime(b"abc\r\n", b"x" * 998)
+    assert needs_binarymime(b"a\x00b")
+    assert needs_binarymime(b"x" * 999 + b"\r\n")
+    assert SMTPUTF8_REQUIRED[1].startswith("5.6.7") and SMTPUTF8_REQUIRED[0] in ("553", "554")
+    assert CONVERSION_NOT_ALLOWED == ("554", "5.6.3 Conversion not allowed")
+
+
+# -------------------------------------------------------------------- SASL
+@pytest.mark.parametrize(
+    ("advertised", "encrypted", "requested", "expected"),
+    [
+        ("PLAIN LOGIN CRAM-MD5", True, None, b"PLAIN"),
+        ("LOGIN CRAM-MD5", True, None, b"LOGIN"),
+        ("PLAIN LOGIN CRAM-MD5", False, None, b"CRAM-MD5"),
+        ("PLAIN LOGIN", False, None, "504"),
+        (None, True, None, "504"),
+        ("CRAM-MD5", True, b"PLAIN", "504"),
+        ("PLAIN", False, "plain", "538"),
+        ("PLAIN", True, "plain", b"PLAIN"),
+        ("XOAUTH2", True, "XOAUTH2", "504"),
+    ],
+)
+def test_choose_mechanism(
+    advertised: str | None, encrypted: bool, requested: bytes | str | None, expected: object
+) -> None:
+    got = choose_mechanism(advertised, encrypted, requested)
+    if isinstance(expected, bytes):
+        assert got == expected
+    else:
+        assert isinstance(got, tuple) and got[0] == expected
+
+
+def test_sasl_plain() -> None:
+    sasl = SaslClient(b"PLAIN", "user", "pw", None)
+    arg = sasl.command_argument()
+    assert arg.startswith(b"PLAIN ")
+    assert base64.b64decode(arg[6:]) == b"\0user\0pw"
+    assert SaslClient(b"PLAIN", "u", "p", "z").command_argument() == b"PLAIN " + base64.b64encode(
+        b"z\0u\0p"
+    )
+
+
+def test_sasl_login_and_cancel() -> None:
+    sasl = SaslClient(b"LOGIN", "user", "pw", None)
+    assert sasl.command_argument() == b"LOGIN"
+    assert base64.b64decode(sasl.respond("VXNlcm5hbWU6")) == b"user"
+    assert base64.b64decode(sasl.respond("UGFzc3dvcmQ6")) == b"pw"
+    assert sasl.respond("") == b"*"
+    assert SaslClient(b"LOGIN", "u", "p", None).respond("not base64!") == b"*"
+
+
+def test_sasl_cram_md5() -> None:
+    challenge = b"<1896.697170952@postoffice.example.net>"
+    sasl = SaslClient(b"CRAM-MD5", "tim", "tanstaaftanstaaf", None)
+    answer = base64.b64decode(sasl.respond(base64.b64encode(challenge).decode()))
+    digest = hmac.new(b"tanstaaftanstaaf", challenge, hashlib.md5).hexdigest()
+    assert answer == f"tim {digest}".encode()
+    with pytest.raises(ValueError):
+        SaslClient(b"GSSAPI", "u", "p", None)
+
+
+# ------------------------------------------- client core joined to server core
+def run_server(server: ServerConnection, data: bytes) -> bytes:
+    """Feed *data*, answer every event with its usual success reply."""
+    server.receive_data(data)
+    while True:
+        event = server.next_event()
+        if isinstance(event, ev.NeedData | ev.ConnectionClosed):
+            return server.data_to_send()
+        if isinstance(event, ev.Data):
+            server.respond("354", "Start mail input; end with <CRLF>.<CRLF>")
+        elif isinstance(event, ev.Quit):
+            server.respond("221", "2.0.0 Bye")
+        elif isinstance(event, ev.RcptTo) and event.address.startswith("bad"):
+            server.respond("550", "5.1.1 No such user")
+        else:
+            server.respond("250", "2.0.0 Ok")
+
+
+def test_pipelined_transaction_against_server_core() -> None:
+    from slimta.smtp._client import dot_stuff
+
+    server_ext = extensions("PIPELINING", "8BITMIME")
+    server = ServerConnection(server_ext)
+    server.greet("220", "mx.test ESMTP")
+    client = ClientConnection()
+    client.expect(b"[BANNER]")
+    client.receive_data(server.data_to_send())
+    client.send_command(b"EHLO", b"client.test")
+    client.receive_data(run_server(server, client.data_to_send()))
+    replies = drain(client)
+    assert [r[:2] for r in replies] == [(b"[BANNER]", "220"), (b"EHLO", "250")]
+    client.extensions = Extensions()
+    client.extensions.parse_string(replies[1][2])
+    assert client.pipelining
+
+    # One group: MAIL, RCPT, RCPT, DATA; one write, four replies in order.
+    for verb, arg in [
+        (b"MAIL", mail_argument("a@example.com")),
+        (b"RCPT", rcpt_argument("good@example.com")),
+        (b"RCPT", rcpt_argument("bad@example.com")),
+        (b"DATA", None),
+    ]:
+        assert client.ends_group(verb) is (verb == b"DATA")
+        client.send_command(verb, arg)
+    group = client.data_to_send()
+    assert group.count(b"\r\n") == 4
+    client.receive_data(run_server(server, group))
+    assert [r[:2] for r in drain(client)] == [
+        (b"MAIL", "250"),
+        (b"RCPT", "250"),
+        (b"RCPT", "550"),
+        (b"DATA", "354"),
+    ]
+    client.send_data(b"".join(dot_stuff(b"Subject: t\r\n\r\n.hidden\n.\nend")))
+    client.receive_data(run_server(server, client.data_to_send()))
+    assert [r[:2] for r in drain(client)] == [(b"[SEND_DATA]", "250")]
+    client.send_command(b"QUIT")
+    client.receive_data(run_server(server, client.data_to_send()))
+    assert [r[:2] for r in drain(client)] == [(b"QUIT", "221")]
