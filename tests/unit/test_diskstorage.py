@@ -282,9 +282,12 @@ def test_write_is_durable_before_it_returns(spool: Path, monkeypatch: pytest.Mon
     storage = open_storage(spool)
     calls = SyscallLog(monkeypatch)
     id = storage.write(make_envelope(), 100.0)
-    # Everything below happened before write() returned.
+    # Everything below happened before write() returned. The first
+    # metadata is written but not fsynced: losing it in a crash recovers the
+    # envelope with the same fresh metadata (see the recovery tests).
     calls.assert_durable(env_file(spool, id))
-    calls.assert_durable(meta_file(spool, id))
+    assert meta_file(spool, id).exists()
+    assert calls.count("file") == 1
     # The envelope is in place before its metadata (see the recovery rules).
     renamed = [e[2] for e in calls.events if e[0] == "replace"]
     assert renamed == [str(env_file(spool, id)), str(meta_file(spool, id))]
@@ -335,10 +338,10 @@ def test_concurrent_writes_share_directory_fsyncs(
     gevent.joinall(writers, raise_error=True)
     ids = {writer.value for writer in writers}
     assert len(ids) == 50
-    # Every file is fsynced, but the directories once per batch: all 50
-    # writers queue before the committer starts, so one batch, two dirs.
-    assert calls.count("file") == 100
-    assert calls.count("dir") <= 4, calls.count("dir")
+    # Every envelope is fsynced, but its directory once per batch: all 50
+    # writers queue before the committer starts, so one batch, one dir.
+    assert calls.count("file") == 50
+    assert calls.count("dir") <= 2, calls.count("dir")
     for id in ids:
         calls.assert_durable(env_file(spool, id))
     assert sorted(id for _, id in storage.load()) == sorted(ids)
@@ -353,7 +356,7 @@ def test_sequential_writes_fsync_directories_each_time(
     calls = SyscallLog(monkeypatch)
     for _ in range(5):
         storage.write(make_envelope(), 100.0)
-    assert calls.count("dir") == 10
+    assert calls.count("dir") == 5
 
 
 def test_batch_mixing_every_operation(spool: Path) -> None:

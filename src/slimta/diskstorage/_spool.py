@@ -184,6 +184,11 @@ class _File:
     final: str
     fd: int = -1
     renamed: bool = False
+    #: Fsync'd (and its directory fsync'd) before the op is answered. The
+    #: first metadata of a new message is not: if a crash loses it, the
+    #: recovery gives the envelope the very same fresh metadata (attempts
+    #: 0, due now), so one fsync per new message is enough.
+    durable: bool = True
 
 
 class Spool:
@@ -289,8 +294,10 @@ class Spool:
     def _files(self, op: NewMessage | PutMeta) -> list[tuple[_File, bytes, bytes]]:
         """The files *op* stores, each with its header and payload."""
         meta = encode_meta(op.meta)
-        files = [(_File(self._tmp_path(op.id, "meta"), self.meta_path(op.id)), META, meta)]
+        meta_file = _File(self._tmp_path(op.id, "meta"), self.meta_path(op.id))
+        files = [(meta_file, META, meta)]
         if isinstance(op, NewMessage):
+            meta_file.durable = False
             # The envelope goes first: if we die between the two renames, an
             # envelope without metadata is recovered, whereas metadata
             # without an envelope would be thrown away.
@@ -337,7 +344,8 @@ class Spool:
                 if results[index] is None:
                     try:
                         for file in files:
-                            os.fsync(file.fd)
+                            if file.durable:
+                                os.fsync(file.fd)
                     except OSError as exc:
                         results[index] = exc
         finally:
@@ -372,7 +380,8 @@ class Spool:
                     for file in staged[index]:
                         os.replace(file.tmp, file.final)
                         file.renamed = True
-                        touched.setdefault(os.path.dirname(file.final), []).append(index)
+                        if file.durable:
+                            touched.setdefault(os.path.dirname(file.final), []).append(index)
             except OSError as exc:
                 results[index] = exc
                 if index in staged:
