@@ -71,7 +71,6 @@ _BDAT = re.compile(r"(\d{1,20})(?: +(LAST))? *\Z", re.IGNORECASE)
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
 _NOTIFY_WORDS = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _ADDR_TYPE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9\-]*")
-_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 _R_SYNTAX = ("500", "5.5.2 Syntax error, command unrecognized")
 _R_TOO_LONG = ("500", "5.5.2 Line too long")
