@@ -84,13 +84,7 @@ class Reply:
     @property
     def enhanced_status_code(self) -> str | None:
         """The enhanced status code, its class digit following :attr:`code`."""
-        code = self._code
-        esc = self._esc
-        if esc is False or code is None or code[0] not in "245":
-            return None
-        if esc is None or esc is True:
-            return f"{code[0]}.0.0"
-        return code[0] + esc[1:]
+        return _effective_esc(self._code, self._esc)
 
     @enhanced_status_code.setter
     def enhanced_status_code(self, value: str | bool | None) -> None:
@@ -105,13 +99,8 @@ class Reply:
     @property
     def message(self) -> str | None:
         """The text, prefixed with the enhanced status code when one applies."""
-        text = self._text
-        esc = self.enhanced_status_code
-        if esc is None:
-            return text
-        if not text:
-            return esc
-        return f"{esc} {text}"
+        wire = self.wire_text()
+        return wire if wire or self._text is not None else None
 
     @message.setter
     def message(self, value: str | None) -> None:
@@ -128,6 +117,15 @@ class Reply:
             if self._esc is not False:
                 self._esc = None
             self._text = value
+
+    def wire_text(self) -> str:
+        """:attr:`message` as it is sent, ``''`` for none; one call, no
+        property lookups, since servers call it for every reply."""
+        text = self._text or ""
+        esc = _effective_esc(self._code, self._esc)
+        if esc is None:
+            return text
+        return f"{esc} {text}" if text else esc
 
     @property
     def raw_message(self) -> str | None:
@@ -156,7 +154,7 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated."""
-        return format_reply(self._code or "451", self.message or "", self.newline_first)
+        return format_reply(self._code or "451", self.wire_text(), self.newline_first)
 
     def send(self, io: IO, flush: bool = False) -> None:
         """Buffer this reply on *io*, flushing when *flush* is true."""
@@ -192,6 +190,15 @@ class Reply:
 
     def __repr__(self) -> str:
         return f"<Reply code={self._code!r} message={self.message!r}>"
+
+
+def _effective_esc(code: str | None, esc: str | bool | None) -> str | None:
+    # The class digit always follows the reply code; 1xx/3xx never carry one.
+    if esc is False or code is None or code[0] not in "245":
+        return None
+    if esc is None or esc is True:
+        return f"{code[0]}.0.0"
+    return code[0] + esc[1:]
 
 
 def _predefined(code: str, message: str) -> Reply:

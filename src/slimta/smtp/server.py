@@ -460,7 +460,7 @@ class Server:
     def _greet(self) -> None:
         reply = _reply("220", False, f"{self.hostname} ESMTP slimta")
         self._call("BANNER_", reply)
-        self._conn.greet(reply.code or "421", reply.message or "")
+        self._conn.greet(reply.code or "421", reply.wire_text())
 
     def _call(self, name: str, reply: Reply, *args: Any) -> None:
         method = getattr(self.handlers, name, None)
@@ -475,27 +475,12 @@ class Server:
             reply.code = "451"
             reply.message = "4.3.0 Unhandled system error"
 
-    def _dispatch(self, conn: ServerConnection, event: ev.Event, handlers: Any) -> None:
-        cls = event.__class__
-        handler = _DISPATCH.get(cls)
-        if handler is None:
-            raise RuntimeError(f"unexpected event {event!r}")
-        handler(self, conn, event)
-
     def _respond(self, conn: ServerConnection, reply: Reply) -> None:
         code = reply._code
         if code is None:
             conn.respond("451", "4.3.0 Reply without a code", reply.newline_first)
             return
-        # Reply.message, without its property calls (this runs per command).
-        esc = reply._esc
-        text = reply._text or ""
-        if esc is False or code[0] not in "245":
-            message = text
-        else:
-            esc = f"{code[0]}.0.0" if esc is None or esc is True else code[0] + esc[1:]
-            message = f"{esc} {text}" if text else esc
-        conn.respond(code, message, reply.newline_first)
+        conn.respond(code, reply.wire_text(), reply.newline_first)
 
     def _on_ehlo(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
