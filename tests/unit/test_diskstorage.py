@@ -21,7 +21,7 @@ import gevent
 import gevent.monkey
 import pytest
 
-from slimta.diskstorage import DiskStorage
+from slimta.diskstorage import DiskStorage, _spool
 from slimta.diskstorage._format import (
     ENVELOPE,
     HEADER_SIZE,
@@ -282,16 +282,16 @@ def test_write_is_durable_before_it_returns(spool: Path, monkeypatch: pytest.Mon
     storage = open_storage(spool)
     calls = SyscallLog(monkeypatch)
     id = storage.write(make_envelope(), 100.0)
-    # Everything below happened before write() returned. The first
-    # metadata is written but not fsynced: losing it in a crash recovers the
-    # envelope with the same fresh metadata (see the recovery tests).
+    # Everything below happened before write() returned. A new message is
+    # its envelope file alone: it holds the first-attempt time, and the
+    # metadata file only appears with the first update.
     calls.assert_durable(env_file(spool, id))
-    assert meta_file(spool, id).exists()
+    assert not meta_file(spool, id).exists()
     assert calls.count("file") == 1
-    # The envelope is in place before its metadata (see the recovery rules).
     renamed = [e[2] for e in calls.events if e[0] == "replace"]
-    assert renamed == [str(env_file(spool, id)), str(meta_file(spool, id))]
+    assert renamed == [str(env_file(spool, id))]
     assert names(spool / "tmp") == []
+    assert open_storage(spool).load() == [(100.0, id)]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
@@ -315,14 +315,21 @@ def test_metadata_updates_are_durable(
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-def test_remove_is_durable(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("updated", [False, True])
+def test_remove_deletes_every_file_without_fsync(
+    spool: Path, monkeypatch: pytest.MonkeyPatch, updated: bool
+) -> None:
+    # A removal lost in a crash only means a second delivery (at least
+    # once), so it does not pay for a journal commit.
     storage = open_storage(spool)
     id = storage.write(make_envelope(), 100.0)
+    if updated:
+        storage.increment_attempts(id)
+        assert meta_file(spool, id).exists()
     calls = SyscallLog(monkeypatch)
     storage.remove(id)
     assert names(spool / "env") == names(spool / "meta") == []
-    assert ("fsync", "dir", str(spool / "env")) in calls.events
-    assert ("fsync", "dir", str(spool / "meta")) in calls.events
+    assert calls.count("dir") == calls.count("file") == 0
 
 
 # --- group commit -----------------------------------------------------------------------
@@ -345,6 +352,29 @@ def test_concurrent_writes_share_directory_fsyncs(
     for id in ids:
         calls.assert_durable(env_file(spool, id))
     assert sorted(id for _, id in storage.load()) == sorted(ids)
+
+
+@pytest.mark.parametrize("threshold", [3, None])
+def test_large_batches_flush_with_one_syncfs(
+    spool: Path, monkeypatch: pytest.MonkeyPatch, threshold: int | None
+) -> None:
+    real = _spool._syncfs_function
+    if real is None:
+        pytest.skip("no syncfs on this platform")
+    calls: list[int] = []
+
+    def syncfs(fd: int) -> object:
+        calls.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(_spool, "_syncfs_function", syncfs)
+    storage = DiskStorage(spool / "env", spool / "meta", syncfs_threshold=threshold)
+    storage.write(make_envelope(), 1.0)  # a batch of one: plain fsync
+    assert calls == []
+    writers = [gevent.spawn(storage.write, make_envelope(), 1.0) for _ in range(20)]
+    gevent.joinall(writers, raise_error=True)
+    assert len(calls) == (1 if threshold is not None else 0)
+    assert len(open_storage(spool).load()) == 21
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
@@ -450,6 +480,7 @@ def test_leftover_temp_files_removed(spool: Path, caplog: pytest.LogCaptureFixtu
 def test_corrupt_envelope_quarantined(spool: Path, caplog: pytest.LogCaptureFixture) -> None:
     storage = open_storage(spool)
     bad = storage.write(make_envelope(), 1.0)
+    storage.increment_attempts(bad)  # so that it has a metadata file too
     good = storage.write(make_envelope(), 2.0)
     path = env_file(spool, bad)
     data = bytearray(path.read_bytes())
@@ -545,28 +576,45 @@ def test_corrupt_meta_quarantined_and_message_recovered(
     assert envelope.recipients == make_envelope().recipients
     ops = {op for i, op, _ in log_ops(caplog) if i == id}
     assert {"quarantine", "recover"} <= ops
-    # The fresh metadata is on disk: a third start finds nothing to repair.
+    # Nothing is left to repair: a third start finds the envelope alone, a
+    # message with no attempts due at its first-attempt time.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert open_storage(spool).load() == [(timestamp, id)]
+        assert open_storage(spool).load() == [(1.0, id)]
     assert log_ops(caplog) == []
 
 
-def test_envelope_without_meta_recovered(spool: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_envelope_without_meta_is_a_message_never_updated(
+    spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     storage = open_storage(spool)
-    id = storage.write(make_envelope(), 1.0)
-    meta_file(spool, id).unlink()
+    id = storage.write(make_envelope(), 1.5)
+    assert not meta_file(spool, id).exists()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         again = open_storage(spool)
-    assert [loaded for _, loaded in again.load()] == [id]
+    assert again.load() == [(1.5, id)]
     assert again.get(id)[1] == 0
-    assert meta_file(spool, id).exists()
-    assert (id, "recover", {"attempts": 0, "reason": "no metadata"}) in log_ops(caplog)
+    assert not meta_file(spool, id).exists()
+    assert log_ops(caplog) == []
+    # Its first update creates the metadata file, which wins from then on.
+    again.set_timestamp(id, 7.0)
+    assert open_storage(spool).load() == [(7.0, id)]
+
+
+@pytest.mark.parametrize("cut", [0, 4, 7])
+def test_envelope_payload_without_its_timestamp_quarantined(spool: Path, cut: int) -> None:
+    storage = open_storage(spool)
+    id = storage.write(make_envelope(), 1.0)
+    payload = env_file(spool, id).read_bytes()[HEADER_SIZE : HEADER_SIZE + cut]
+    env_file(spool, id).write_bytes(header(ENVELOPE, payload) + payload)
+    assert open_storage(spool).load() == []
+    assert (spool / "quarantine" / f"{id}.env").exists()
 
 
 def test_meta_without_envelope_removed(spool: Path, caplog: pytest.LogCaptureFixture) -> None:
     storage = open_storage(spool)
     id = storage.write(make_envelope(), 1.0)
+    storage.increment_attempts(id)
     env_file(spool, id).unlink()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         again = open_storage(spool)
@@ -690,14 +738,15 @@ def test_envelope_dir_not_a_directory(spool: Path) -> None:
     assert names(spool / "tmp") == []
 
 
-def test_meta_dir_not_a_directory_rolls_back_envelope(spool: Path) -> None:
+def test_meta_dir_not_a_directory_fails_updates(spool: Path) -> None:
     storage = open_storage(spool)
     (spool / "meta").rmdir()
     (spool / "meta").write_bytes(b"")
+    # A new message needs no metadata file; its first update does.
+    id = storage.write(make_envelope(), 1.0)
     with pytest.raises(QueueError, match="Not a directory"):
-        storage.write(make_envelope(), 1.0)
-    # The envelope was renamed first, then taken back.
-    assert names(spool / "env") == []
+        storage.increment_attempts(id)
+    assert names(spool / "env") == [f"{id}.env"]
     assert names(spool / "tmp") == []
 
 

@@ -3,13 +3,17 @@
 Layout
 ------
 
-Each message is two files, named after its id (``uuid4().hex``: 32 lowercase
-hex digits, random, so ids never repeat across restarts or processes):
+Each message is one or two files, named after its id (``uuid4().hex``: 32
+lowercase hex digits, random, so ids never repeat across restarts or
+processes):
 
-* ``<env_dir>/<id>.env`` -- the pickled :class:`~slimta.envelope.Envelope`,
-  written once and never changed;
+* ``<env_dir>/<id>.env`` -- the time of the first delivery attempt and the
+  pickled :class:`~slimta.envelope.Envelope`, written once and never
+  changed;
 * ``<meta_dir>/<id>.meta`` -- JSON metadata: next-attempt time, attempt
-  count and the recipients already delivered, replaced on every update.
+  count and the recipients already delivered. It is created by the
+  message's first update and replaced by every later one; a message
+  delivered at its first attempt never has one.
 
 Both carry a header with a format version, the payload length and a
 BLAKE2b checksum (see :mod:`slimta.diskstorage._format`), so a torn or
@@ -25,18 +29,25 @@ fsynced, which is what makes a rename durable on Linux. Only then does the
 queue hand the id back and the SMTP edge answer ``250``. Metadata updates go
 the same way, so a metadata file is always either the old or the new one.
 
+Removals are not fsynced: a removal lost in a crash of the machine brings a
+delivered message back and it is delivered again. Delivery is at least
+once, as with any MTA that crashes between handing a message on and
+forgetting it.
+
 Group commit
 ------------
 
-fsync costs milliseconds, and a directory fsync is needed after every
-rename. So all disk changes go through one committer thread per storage:
-greenlets queue their operations and wait; one committer greenlet takes
-every operation queued so far as a batch and hands it to the thread, which
-writes all the temporary files, fsyncs them, renames them all, and fsyncs
-each directory once. While it works, new operations pile up for the next
-batch. N concurrent writes therefore cost N file fsyncs but only two
-directory fsyncs per batch instead of 2N, and throughput grows with
-concurrency.
+Every fsync is a journal commit, and a directory fsync is needed after
+every rename. So all disk changes go through one committer thread per
+storage: greenlets queue their operations and wait; one committer greenlet
+takes every operation queued so far as a batch and hands it to the thread,
+which writes all the temporary files, makes them durable, renames them all,
+and fsyncs each directory once. While it works, new operations pile up for
+the next batch. A batch of three files or more is first flushed with one
+``syncfs`` of the filesystem (Linux), after which each file's own fsync
+finds nothing left to write but still reports that file's errors; so N
+concurrent writes cost about two journal commits instead of 2N, and
+throughput grows with concurrency (see *syncfs_threshold*).
 
 The gevent hub never blocks on the disk: file writes, fsyncs, renames,
 directory listings and envelope reads all run in native threads (the
@@ -54,9 +65,11 @@ At construction and in :meth:`DiskStorage.load`:
 * a message whose envelope file is damaged, unreadable or not an envelope
   is moved, with its metadata, to ``quarantine_dir`` and logged -- never
   deleted, and never fatal;
+* an envelope without metadata is a message never updated: attempts 0, due
+  at the first-attempt time stored in its envelope file;
 * damaged metadata is quarantined, and the message recovered with fresh
-  metadata (attempts 0, due now), like an envelope with no metadata at all:
-  mail is never lost, though recipients delivered before may get it again;
+  metadata (attempts 0, due now): mail is never lost, though recipients
+  delivered before may get it again;
 * metadata without an envelope is removed (nothing to deliver) and logged.
 
 Files whose names are not ``<id>.env`` / ``<id>.meta`` are left alone.
@@ -93,8 +106,15 @@ import gevent
 from gevent.event import AsyncResult
 from gevent.threadpool import ThreadPool
 
-from slimta.diskstorage._format import ENVELOPE, CorruptFile, Meta
+from slimta.diskstorage._format import (
+    ENVELOPE,
+    CorruptFile,
+    Meta,
+    decode_envelope,
+    encode_envelope,
+)
 from slimta.diskstorage._spool import (
+    DEFAULT_SYNCFS_THRESHOLD,
     ID_PATTERN,
     NewMessage,
     Op,
@@ -157,6 +177,11 @@ class DiskStorage(QueueStorage):
         Default: ``tmp`` beside *env_dir*.
     :param quarantine_dir: where damaged files are moved. Default:
         ``quarantine`` beside *env_dir*.
+    :param syncfs_threshold: a batch writing at least this many files is
+        flushed with one ``syncfs`` before the files' own fsyncs; ``None``
+        turns that off. ``syncfs`` also writes back other programs' dirty
+        data on the same filesystem, so on a filesystem busy with large
+        writes a separate spool filesystem, or ``None``, may be better.
     :raises QueueError: when the directories cannot be created, listed or
         used (for instance *tmp_dir* on another filesystem).
 
@@ -164,7 +189,7 @@ class DiskStorage(QueueStorage):
        *tmp_dir* defaults to a directory beside *env_dir* rather than the
        system's temporary directory (which may be another filesystem, where
        the rename is not atomic); files are fsynced and self-validating;
-       *quarantine_dir* is new.
+       *quarantine_dir* and *syncfs_threshold* are new.
     """
 
     def __init__(
@@ -174,6 +199,7 @@ class DiskStorage(QueueStorage):
         tmp_dir: str | os.PathLike[str] | None = None,
         *,
         quarantine_dir: str | os.PathLike[str] | None = None,
+        syncfs_threshold: int | None = DEFAULT_SYNCFS_THRESHOLD,
     ) -> None:
         #: Absolute path of the envelope directory.
         self.env_dir = os.path.abspath(env_dir)
@@ -188,7 +214,13 @@ class DiskStorage(QueueStorage):
         self.quarantine_dir = os.path.abspath(
             quarantine_dir if quarantine_dir is not None else os.path.join(beside, "quarantine")
         )
-        self._spool = Spool(self.env_dir, self.meta_dir, self.tmp_dir, self.quarantine_dir)
+        self._spool = Spool(
+            self.env_dir,
+            self.meta_dir,
+            self.tmp_dir,
+            self.quarantine_dir,
+            syncfs_threshold=syncfs_threshold,
+        )
         # One thread: the committer's batches must not overlap.
         self._committer = ThreadPool(1, idle_task_timeout=_COMMITTER_IDLE_SECONDS)
         # Every stored message's metadata. Authoritative: updates are made
@@ -266,8 +298,8 @@ class DiskStorage(QueueStorage):
     def write(self, envelope: Envelope, timestamp: float) -> str:
         """Store a new message durably; next attempt at *timestamp*, attempts 0.
 
-        Returns only once the envelope and its metadata are fsynced and
-        renamed into place, and both directories fsynced.
+        Returns only once the envelope file (which holds *timestamp*) is
+        fsynced and renamed into place, and its directory fsynced.
 
         :param envelope: the message.
         :param timestamp: epoch seconds of the first delivery attempt.
@@ -275,10 +307,11 @@ class DiskStorage(QueueStorage):
         :raises QueueError: when the message could not be stored (disk
             full, permissions ...); no file of it is left behind.
         """
-        payload = pickle.dumps(envelope, pickle.HIGHEST_PROTOCOL)
+        timestamp = float(timestamp)
+        payload = encode_envelope(timestamp, pickle.dumps(envelope, pickle.HIGHEST_PROTOCOL))
         id = uuid.uuid4().hex
-        meta = Meta(float(timestamp), 0, _NONE_DELIVERED)
-        self._check(self._commit(NewMessage(id, payload, meta)), "storing message", id)
+        meta = Meta(timestamp, 0, _NONE_DELIVERED)
+        self._check(self._commit(NewMessage(id, payload)), "storing message", id)
         self._meta[id] = meta
         self._views[id] = _NONE_DELIVERED
         _queue_log.write(id, envelope)
@@ -361,7 +394,7 @@ class DiskStorage(QueueStorage):
             self._check(exc, "reading message", id)
             raise  # not reached: _check raised
         try:
-            envelope = pickle.loads(payload)
+            envelope = pickle.loads(decode_envelope(payload)[1])
         except Exception as exc:
             self._quarantine(id, f"envelope does not unpickle: {exc!r}")
             raise KeyError(id) from None
@@ -376,7 +409,9 @@ class DiskStorage(QueueStorage):
         return envelope, meta.attempts
 
     def remove(self, id: str) -> None:
-        """Delete a message's files durably; unknown ids are ignored.
+        """Delete a message's files; unknown ids are ignored.
+
+        Not fsynced: see "Durability" in the module notes.
 
         :raises QueueError: when a file exists but cannot be removed.
         """

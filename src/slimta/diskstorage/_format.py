@@ -6,7 +6,7 @@ payload::
     offset  size  field
     0       4     magic b"SLQF"
     4       1     format version (1)
-    5       1     kind: b"E" (pickled Envelope) or b"M" (JSON metadata)
+    5       1     kind: b"E" (envelope) or b"M" (JSON metadata)
     6       2     reserved, zero
     8       8     payload length, unsigned big-endian
     16      16    BLAKE2b-128 of bytes 0-15 followed by the payload
@@ -17,6 +17,13 @@ a file from a future format and any flipped bit are all detected when the
 file is read. The writer fsyncs every file before renaming it into place, so
 on a sane filesystem these checks fail only after media or operator damage;
 they exist so that damage is noticed instead of delivered.
+
+The envelope payload is the time of the first delivery attempt (an IEEE
+754 double, big-endian, epoch seconds) followed by the pickled
+:class:`~slimta.envelope.Envelope`. A message's metadata file is only
+created by its first update: until then, the envelope file alone says all
+there is (attempts 0, due at that time), so storing a new message costs one
+file.
 
 The metadata payload is a small JSON object (not a pickle: it is rewritten
 on every delivery attempt and an operator may want to read it)::
@@ -42,7 +49,9 @@ __all__ = [
     "META",
     "CorruptFile",
     "Meta",
+    "decode_envelope",
     "decode_meta",
+    "encode_envelope",
     "encode_meta",
     "header",
     "parse_header",
@@ -52,7 +61,7 @@ __all__ = [
 #: First four bytes of every file.
 MAGIC: Final = b"SLQF"
 #: The format version written, and the only one read.
-VERSION: Final = 1
+VERSION: Final = 2
 #: Kind byte of an envelope file.
 ENVELOPE: Final = b"E"
 #: Kind byte of a metadata file.
@@ -64,6 +73,8 @@ _PREFIX: Final = struct.Struct(">4sBc2xQ")
 _DIGEST_SIZE: Final = 16
 #: Size of the whole header.
 HEADER_SIZE: Final = _PREFIX.size + _DIGEST_SIZE
+#: The first-attempt time in front of an envelope payload.
+_FIRST_ATTEMPT: Final = struct.Struct(">d")
 
 
 class CorruptFile(Exception):
@@ -123,6 +134,24 @@ def verify(data: bytes, payload: bytes | memoryview) -> None:
     prefix = data[: _PREFIX.size]
     if _digest(prefix, payload) != data[_PREFIX.size : HEADER_SIZE]:
         raise CorruptFile("checksum mismatch")
+
+
+def encode_envelope(timestamp: float, pickled: bytes) -> bytes:
+    """The payload of an envelope file: first-attempt time, then the pickle."""
+    return _FIRST_ATTEMPT.pack(timestamp) + pickled
+
+
+def decode_envelope(payload: bytes) -> tuple[float, memoryview]:
+    """Split an envelope payload into its first-attempt time and its pickle.
+
+    :raises CorruptFile: when it is too short or the time is not finite.
+    """
+    if len(payload) < _FIRST_ATTEMPT.size:
+        raise CorruptFile("envelope payload shorter than its timestamp")
+    (timestamp,) = _FIRST_ATTEMPT.unpack_from(payload)
+    if not math.isfinite(timestamp):
+        raise CorruptFile(f"bad first-attempt timestamp {timestamp!r}")
+    return float(timestamp), memoryview(payload)[_FIRST_ATTEMPT.size :]
 
 
 def encode_meta(meta: Meta) -> bytes:

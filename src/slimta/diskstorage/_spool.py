@@ -16,14 +16,17 @@ method returns what happened instead, and the storage logs it in the hub.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import itertools
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from slimta.diskstorage._format import (
     ENVELOPE,
@@ -31,6 +34,7 @@ from slimta.diskstorage._format import (
     META,
     CorruptFile,
     Meta,
+    decode_envelope,
     decode_meta,
     encode_meta,
     header,
@@ -61,17 +65,20 @@ _META_NAME = re.compile(r"([0-9a-f]{32})\.meta")
 
 #: Flags for a new temporary file: it must not exist yet.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+#: Default :attr:`Spool.syncfs_threshold`: below it, plain fsyncs are cheaper.
+DEFAULT_SYNCFS_THRESHOLD = 3
+
 #: Flags for opening a directory to fsync it.
 _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 
 
 @dataclass(slots=True)
 class NewMessage:
-    """Store a new message: its envelope file, then its metadata file."""
+    """Store a new message: its envelope file (which holds its first-attempt
+    time, see :func:`~slimta.diskstorage._format.encode_envelope`)."""
 
     id: str
     envelope: bytes
-    meta: Meta
 
 
 @dataclass(slots=True)
@@ -84,7 +91,12 @@ class PutMeta:
 
 @dataclass(slots=True)
 class Remove:
-    """Delete a message's files (envelope first); missing files are fine."""
+    """Delete a message's files (envelope first); missing files are fine.
+
+    The directories are not fsynced afterwards: a removal lost in a crash
+    brings a delivered message back, to be delivered again (at least once),
+    which costs less than a journal commit per batch of deliveries.
+    """
 
     id: str
 
@@ -184,11 +196,6 @@ class _File:
     final: str
     fd: int = -1
     renamed: bool = False
-    #: Fsync'd (and its directory fsync'd) before the op is answered. The
-    #: first metadata of a new message is not: if a crash loses it, the
-    #: recovery gives the envelope the very same fresh metadata (attempts
-    #: 0, due now), so one fsync per new message is enough.
-    durable: bool = True
 
 
 class Spool:
@@ -199,9 +206,24 @@ class Spool:
     :param tmp_dir: where files are written before being renamed into place;
         on the same filesystem as the other two.
     :param quarantine_dir: where damaged files are moved.
+    :param syncfs_threshold: see the attribute.
     """
 
-    def __init__(self, env_dir: str, meta_dir: str, tmp_dir: str, quarantine_dir: str) -> None:
+    def __init__(
+        self,
+        env_dir: str,
+        meta_dir: str,
+        tmp_dir: str,
+        quarantine_dir: str,
+        syncfs_threshold: int | None = DEFAULT_SYNCFS_THRESHOLD,
+    ) -> None:
+        #: A batch writing at least this many files flushes them with one
+        #: ``syncfs`` before their fsyncs (``None``: never). On ext4 each
+        #: fsync of a new file is a journal commit of its own, so 20 files
+        #: cost 20 commits; after a ``syncfs`` they cost one. The price: the
+        #: ``syncfs`` also writes back other processes' dirty data on the
+        #: same filesystem, which can make a batch slower on a busy one.
+        self.syncfs_threshold = syncfs_threshold
         self.env_dir = env_dir
         self.meta_dir = meta_dir
         self.tmp_dir = tmp_dir
@@ -291,72 +313,71 @@ class Spool:
         self._group_commit(ops, run, results)
         return results
 
-    def _files(self, op: NewMessage | PutMeta) -> list[tuple[_File, bytes, bytes]]:
-        """The files *op* stores, each with its header and payload."""
-        meta = encode_meta(op.meta)
-        meta_file = _File(self._tmp_path(op.id, "meta"), self.meta_path(op.id))
-        files = [(meta_file, META, meta)]
+    def _file(self, op: NewMessage | PutMeta) -> tuple[_File, bytes, bytes]:
+        """The file *op* stores, with its header and payload."""
         if isinstance(op, NewMessage):
-            meta_file.durable = False
-            # The envelope goes first: if we die between the two renames, an
-            # envelope without metadata is recovered, whereas metadata
-            # without an envelope would be thrown away.
-            env = _File(self._tmp_path(op.id, "env"), self.env_path(op.id))
-            files.insert(0, (env, ENVELOPE, op.envelope))
-        return [(file, header(kind, payload), payload) for file, kind, payload in files]
+            file = _File(self._tmp_path(op.id, "env"), self.env_path(op.id))
+            return file, header(ENVELOPE, op.envelope), op.envelope
+        payload = encode_meta(op.meta)
+        file = _File(self._tmp_path(op.id, "meta"), self.meta_path(op.id))
+        return file, header(META, payload), payload
 
     def _group_commit(self, ops: Sequence[Op], run: Sequence[int], results: list[object]) -> None:
         """Store and remove files for every op in *run*, sharing the fsyncs.
 
         1. write every temporary file;
-        2. fsync every temporary file;
+        2. make them all durable: one ``syncfs`` for the whole filesystem
+           when the batch is large enough (see :attr:`syncfs_threshold`),
+           then an fsync of each file, which is then quick and still reports
+           each file's write errors;
         3. rename them into place and unlink removed messages, in op order;
-        4. fsync each directory touched in step 3 once.
+        4. fsync each directory that received a file in step 3, once.
 
-        However many ops the run holds, it costs one fsync per file and at
-        most one fsync per directory (two for a run of new messages: the
-        envelope and metadata directories). An op that fails at any step
-        gets its :class:`OSError` as its result and loses its files; the
+        However many ops the run holds, it costs at most one journal commit
+        for the data and one per directory. An op that fails at any step
+        gets its :class:`OSError` as its result and loses its file; the
         other ops go on.
 
         ``tmp_dir`` itself is not fsynced before the renames: only the final
         names have to survive a crash, and a temporary file lost in one
-        belonged to an op whose caller had not been answered yet.
+        belonged to an op whose caller had not been answered yet. Removals
+        are not fsynced at all (see :class:`Remove`).
         """
         if not run:
             return
-        staged: dict[int, list[_File]] = {}
+        staged: dict[int, _File] = {}
         try:
             for index in run:
                 op = ops[index]
                 if isinstance(op, NewMessage | PutMeta):
-                    files: list[_File] = []
-                    staged[index] = files
+                    file, head, payload = self._file(op)
+                    staged[index] = file
                     try:
-                        for file, head, payload in self._files(op):
-                            files.append(file)
-                            file.fd = os.open(file.tmp, _CREATE, 0o600)
-                            _write_all(file.fd, head)
-                            _write_all(file.fd, payload)
+                        file.fd = os.open(file.tmp, _CREATE, 0o600)
+                        _write_all(file.fd, head + payload)
                     except OSError as exc:
                         results[index] = exc
-            for index, files in staged.items():
+            if self.syncfs_threshold is not None and len(staged) >= self.syncfs_threshold:
+                for file in staged.values():
+                    if file.fd >= 0:
+                        # Its outcome does not matter: the fsyncs below
+                        # report every file's errors.
+                        _syncfs(file.fd)
+                        break
+            for index, file in staged.items():
                 if results[index] is None:
                     try:
-                        for file in files:
-                            if file.durable:
-                                os.fsync(file.fd)
+                        os.fsync(file.fd)
                     except OSError as exc:
                         results[index] = exc
         finally:
-            for files in staged.values():
-                for file in files:
-                    if file.fd >= 0:
-                        _close_quietly(file.fd)
-                        file.fd = -1
-            for index, files in staged.items():
+            for file in staged.values():
+                if file.fd >= 0:
+                    _close_quietly(file.fd)
+                    file.fd = -1
+            for index, file in staged.items():
                 if results[index] is not None:
-                    _undo(files, keep_finals=False)
+                    _undo(file, keep_final=False)
 
         touched: dict[str, list[int]] = {}
         for index in run:
@@ -367,25 +388,18 @@ class Spool:
                 if isinstance(op, Remove):
                     # Envelope first: metadata left alone is cleaned up at the
                     # next scan, an envelope left alone would be delivered again.
-                    for path, directory in (
-                        (self.env_path(op.id), self.env_dir),
-                        (self.meta_path(op.id), self.meta_dir),
-                    ):
-                        try:
+                    for path in (self.env_path(op.id), self.meta_path(op.id)):
+                        with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
-                        except FileNotFoundError:
-                            continue
-                        touched.setdefault(directory, []).append(index)
                 else:
-                    for file in staged[index]:
-                        os.replace(file.tmp, file.final)
-                        file.renamed = True
-                        if file.durable:
-                            touched.setdefault(os.path.dirname(file.final), []).append(index)
+                    file = staged[index]
+                    os.replace(file.tmp, file.final)
+                    file.renamed = True
+                    touched.setdefault(os.path.dirname(file.final), []).append(index)
             except OSError as exc:
                 results[index] = exc
                 if index in staged:
-                    _undo(staged[index], keep_finals=isinstance(op, PutMeta))
+                    _undo(staged[index], keep_final=isinstance(op, PutMeta))
 
         for directory, users in touched.items():
             try:
@@ -397,7 +411,7 @@ class Spool:
                         # A new message the caller is told failed must not be
                         # delivered later; replaced metadata cannot be undone.
                         if isinstance(ops[index], NewMessage):
-                            _undo(staged[index], keep_finals=False)
+                            _undo(staged[index], keep_final=False)
 
     # -- recovery ----------------------------------------------------------------
 
@@ -455,9 +469,10 @@ class Spool:
         * leftover temporary files are removed;
         * a message whose envelope is damaged or unreadable is moved to the
           quarantine directory, metadata included;
+        * an envelope without metadata is a message never updated: attempts
+          0, due at the first-attempt time its envelope file holds;
         * damaged or unreadable metadata is quarantined and the message
-          recovered with fresh metadata (attempts 0, due at *now*), and so is
-          an envelope that has no metadata at all;
+          recovered with fresh metadata (attempts 0, due at *now*);
         * metadata without an envelope is removed: there is nothing to
           deliver, and the envelope is always renamed into place before its
           metadata and removed before it.
@@ -467,7 +482,6 @@ class Spool:
         result = ScanResult(temps_removed=self._remove_temps())
         envs = _ids_in(self.env_dir, _ENV_NAME)
         metas = _ids_in(self.meta_dir, _META_NAME)
-        fresh: list[PutMeta] = []
         orphans_removed = False
         for id in sorted(envs | metas):
             if id not in envs:
@@ -481,39 +495,26 @@ class Spool:
                 result.orphans.append(id)
                 orphans_removed = True
                 continue
-            if id in known and id in metas:
+            if id in known:
                 result.metas[id] = None
                 continue
             try:
-                read_framed(self.env_path(id), ENVELOPE)
+                first_attempt, _ = decode_envelope(read_framed(self.env_path(id), ENVELOPE))
             except (CorruptFile, OSError) as exc:
                 self.quarantine(id, f"envelope: {_describe(exc)}", result.quarantine)
                 continue
-            if id in metas:
-                try:
-                    result.metas[id] = decode_meta(read_framed(self.meta_path(id), META))
-                    continue
-                except (CorruptFile, OSError) as exc:
-                    reason = f"metadata: {_describe(exc)}"
-                    if not self._quarantine_file(id, self.meta_path(id), reason, result.quarantine):
-                        # It stays, so a replacement cannot be renamed over
-                        # it; deliver from memory, leave the file for a human.
-                        result.metas[id] = Meta(now, 0, frozenset())
-                        continue
-            else:
-                reason = "no metadata"
-            meta = Meta(now, 0, frozenset())
-            result.metas[id] = meta
+            if id not in metas:
+                result.metas[id] = Meta(first_attempt, 0, frozenset())
+                continue
+            try:
+                result.metas[id] = decode_meta(read_framed(self.meta_path(id), META))
+                continue
+            except (CorruptFile, OSError) as exc:
+                reason = f"metadata: {_describe(exc)}"
+            # Left in place if it cannot be moved: the next update replaces it.
+            self._quarantine_file(id, self.meta_path(id), reason, result.quarantine)
+            result.metas[id] = Meta(now, 0, frozenset())
             result.recovered.append((id, reason))
-            fresh.append(PutMeta(id, meta))
-        if fresh:
-            outcomes: list[object] = [None] * len(fresh)
-            self._group_commit(fresh, range(len(fresh)), outcomes)
-            for op, outcome in zip(fresh, outcomes, strict=True):
-                if outcome is not None:
-                    # The message stays deliverable from memory; the next
-                    # metadata update or scan tries again.
-                    result.errors.append((op.id, "write fresh metadata", str(outcome)))
         dirty = set()
         if orphans_removed:
             dirty.add(self.meta_dir)
@@ -548,13 +549,36 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _undo(files: Sequence[_File], *, keep_finals: bool) -> None:
-    """Remove what a failed op left: its temporary files, and its final files
-    unless *keep_finals*. Best effort: the op has failed already."""
-    for file in files:
-        path = file.final if file.renamed else file.tmp
-        if file.renamed and keep_finals:
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        file.renamed = False
+def _undo(file: _File, *, keep_final: bool) -> None:
+    """Remove what a failed op left: its temporary file, or its final file
+    unless *keep_final*. Best effort: the op has failed already."""
+    if file.renamed and keep_final:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(file.final if file.renamed else file.tmp)
+    file.renamed = False
+
+
+def _find_syncfs() -> Callable[[int], object] | None:
+    """libc's ``syncfs(fd)`` (Linux), or ``None`` where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    # ctypes releases the GIL around the call: other threads run meanwhile.
+    return cast(Callable[[int], object], function)
+
+
+#: ``syncfs(fd)``: writes back every dirty page and inode of the filesystem
+#: of *fd* in one journal commit.
+_syncfs_function = _find_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+    if _syncfs_function is not None:
+        _syncfs_function(fd)
