@@ -67,6 +67,15 @@ def names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
+def temps(spool: Path) -> list[str]:
+    """Temporary files in the spool, spare files (recycled ones) aside."""
+    return [name for name in names(spool / "tmp") if not name.endswith(".spare")]
+
+
+def spares(spool: Path) -> list[str]:
+    return [name for name in names(spool / "tmp") if name.endswith(".spare")]
+
+
 def log_ops(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, object]]]:
     """``(id, operation, data)`` of every structured line DiskStorage logged."""
     found = []
@@ -290,7 +299,7 @@ def test_write_is_durable_before_it_returns(spool: Path, monkeypatch: pytest.Mon
     assert calls.count("file") == 1
     renamed = [e[2] for e in calls.events if e[0] == "replace"]
     assert renamed == [str(env_file(spool, id))]
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
     assert open_storage(spool).load() == [(100.0, id)]
 
 
@@ -407,7 +416,53 @@ def test_batch_mixing_every_operation(spool: Path) -> None:
     again = open_storage(spool)
     assert sorted(again.load()) == sorted([(1.0, old[1]), (9.0, old[2]), (2.0, new)])
     assert again.get(old[1])[1] == 2
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
+
+
+# --- recycled files ------------------------------------------------------------------------
+
+
+def test_removed_files_are_reused_for_new_messages(spool: Path) -> None:
+    storage = open_storage(spool)
+    long = storage.write(make_envelope(["a@x"] * 50), 1.0)
+    storage.increment_attempts(long)  # a metadata file too
+    inodes = {env_file(spool, long).stat().st_ino, meta_file(spool, long).stat().st_ino}
+    storage.remove(long)
+    assert len(spares(spool)) == 2
+    # Shorter than the file it overwrites: cut to its own length.
+    short = storage.write(make_envelope(["b@x"]), 2.0)
+    storage.set_timestamp(short, 3.0)
+    assert spares(spool) == []
+    assert {env_file(spool, short).stat().st_ino, meta_file(spool, short).stat().st_ino} == inodes
+    again = open_storage(spool)
+    assert again.load() == [(3.0, short)]
+    assert again.get(short)[0].recipients == ["b@x"]
+
+
+def test_spares_survive_a_restart_within_the_limit(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(spool)
+    ids = [storage.write(make_envelope(), 1.0) for _ in range(5)]
+    for id in ids:
+        storage.remove(id)
+    assert len(spares(spool)) == 5
+    monkeypatch.setattr(_spool, "MAX_SPARES", 3)
+    again = open_storage(spool)
+    assert len(spares(spool)) == 3
+    again.write(make_envelope(), 1.0)
+    assert len(spares(spool)) == 2
+    assert temps(spool) == []
+
+
+def test_vanished_spare_falls_back_to_a_new_file(spool: Path) -> None:
+    storage = open_storage(spool)
+    storage.remove(storage.write(make_envelope(), 1.0))
+    for name in spares(spool):
+        (spool / "tmp" / name).unlink()
+    id = storage.write(make_envelope(), 4.0)
+    assert open_storage(spool).load() == [(4.0, id)]
+    assert temps(spool) == []
 
 
 # --- the hub keeps running ------------------------------------------------------------------
@@ -664,7 +719,7 @@ def enospc_on_write(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None
 def assert_nothing_stored(spool: Path) -> None:
     assert names(spool / "env") == []
     assert names(spool / "meta") == []
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
 
 
 def test_disk_full_raises_queue_error(
@@ -694,7 +749,7 @@ def test_one_failure_does_not_fail_the_batch(spool: Path, monkeypatch: pytest.Mo
     assert all(isinstance(id, str) for id in stored)
     assert sorted(i for _, i in storage.load()) == sorted(stored)
     assert sorted(names(spool / "env")) == sorted(f"{id}.env" for id in stored)
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
 
 
 def test_fsync_error_raises_queue_error(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -735,7 +790,7 @@ def test_envelope_dir_not_a_directory(spool: Path) -> None:
     with pytest.raises(QueueError, match="Not a directory"):
         storage.write(make_envelope(), 1.0)
     assert names(spool / "meta") == []
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
 
 
 def test_meta_dir_not_a_directory_fails_updates(spool: Path) -> None:
@@ -747,7 +802,7 @@ def test_meta_dir_not_a_directory_fails_updates(spool: Path) -> None:
     with pytest.raises(QueueError, match="Not a directory"):
         storage.increment_attempts(id)
     assert names(spool / "env") == [f"{id}.env"]
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
 
 
 def test_metadata_update_error(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -757,7 +812,7 @@ def test_metadata_update_error(spool: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(QueueError):
         storage.increment_attempts(id)
     monkeypatch.undo()
-    assert names(spool / "tmp") == []
+    assert temps(spool) == []
     # Memory moved on; the next successful update writes all of it.
     assert storage.increment_attempts(id) == 2
     assert open_storage(spool).get(id)[1] == 2

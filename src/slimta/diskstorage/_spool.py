@@ -65,6 +65,12 @@ _META_NAME = re.compile(r"([0-9a-f]{32})\.meta")
 
 #: Flags for a new temporary file: it must not exist yet.
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+#: Flags for reusing a spare file.
+_REUSE = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+#: Suffix of spare files (see :class:`Spool`).
+_SPARE_SUFFIX = ".spare"
+#: Most spare files kept; removals beyond it unlink their files.
+MAX_SPARES = 512
 #: Default :attr:`Spool.syncfs_threshold`: below it, plain fsyncs are cheaper.
 DEFAULT_SYNCFS_THRESHOLD = 3
 
@@ -196,10 +202,21 @@ class _File:
     final: str
     fd: int = -1
     renamed: bool = False
+    #: *tmp* is a spare file, to be overwritten.
+    spare: bool = False
 
 
 class Spool:
     """The directories of one storage, and the blocking work done in them.
+
+    Files are recycled: creating and deleting an inode costs a filesystem
+    more than renaming and overwriting one (on ext4, about three times the
+    CPU and latency for a small file). So a removed message's files are
+    renamed into ``tmp_dir`` as *spare* files (up to :data:`MAX_SPARES`), and
+    the next files stored are written over spares rather than created.
+    A spare is an ordinary temporary file: it is never read, only
+    overwritten (and cut to its new length) under its temporary name before
+    being renamed into place, so the durability steps are unchanged.
 
     :param env_dir: where ``<id>.env`` files live.
     :param meta_dir: where ``<id>.meta`` files live.
@@ -233,6 +250,8 @@ class Spool:
         tag = hashlib.blake2b(env_dir.encode("utf-8", "surrogateescape"), digest_size=4)
         self._tmp_prefix = tag.hexdigest() + "-"
         self._serial = itertools.count()
+        # Paths of spare files, used only by the committer thread.
+        self._spares: list[str] = []
 
     # -- paths -------------------------------------------------------------
 
@@ -268,7 +287,53 @@ class Spool:
                     f"{self.tmp_dir} and {path} are on different filesystems, "
                     "so renaming a file between them is not atomic",
                 )
+        self._collect_spares()
         return self._remove_temps()
+
+    def _spare_path(self) -> str:
+        return os.path.join(self.tmp_dir, f"{self._tmp_prefix}{next(self._serial)}{_SPARE_SUFFIX}")
+
+    def _collect_spares(self) -> None:
+        """Adopt the spare files a previous run left (their names are
+        renewed: the serial restarts); unlink what exceeds the limit."""
+        for name in os.listdir(self.tmp_dir):
+            if not (name.startswith(self._tmp_prefix) and name.endswith(_SPARE_SUFFIX)):
+                continue
+            path = os.path.join(self.tmp_dir, name)
+            with contextlib.suppress(OSError):
+                if len(self._spares) < MAX_SPARES:
+                    spare = self._spare_path()
+                    os.rename(path, spare)
+                    self._spares.append(spare)
+                else:
+                    os.unlink(path)
+
+    def _retire(self, path: str) -> None:
+        """Take away a removed message's file: make it a spare, or unlink it.
+
+        :raises FileNotFoundError: when there is no such file.
+        """
+        if len(self._spares) < MAX_SPARES:
+            spare = self._spare_path()
+            os.rename(path, spare)
+            self._spares.append(spare)
+        else:
+            os.unlink(path)
+
+    def _open(self, file: _File) -> None:
+        """Open *file*'s temporary file for writing: a spare if there is one."""
+        while self._spares:
+            file.tmp = self._spares.pop()
+            try:
+                file.fd = os.open(file.tmp, _REUSE)
+            except OSError:
+                # Gone or unusable (another owner?): drop it, try the next.
+                with contextlib.suppress(OSError):
+                    os.unlink(file.tmp)
+                continue
+            file.spare = True
+            return
+        file.fd = os.open(file.tmp, _CREATE, 0o600)
 
     def _remove_temps(self) -> list[str]:
         # Called only between batches: every temporary file is a leftover of
@@ -353,8 +418,11 @@ class Spool:
                     file, head, payload = self._file(op)
                     staged[index] = file
                     try:
-                        file.fd = os.open(file.tmp, _CREATE, 0o600)
-                        _write_all(file.fd, head + payload)
+                        self._open(file)
+                        data = head + payload
+                        _write_all(file.fd, data)
+                        if file.spare:
+                            os.ftruncate(file.fd, len(data))
                     except OSError as exc:
                         results[index] = exc
             if self.syncfs_threshold is not None and len(staged) >= self.syncfs_threshold:
@@ -390,7 +458,7 @@ class Spool:
                     # next scan, an envelope left alone would be delivered again.
                     for path in (self.env_path(op.id), self.meta_path(op.id)):
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+                            self._retire(path)
                 else:
                     file = staged[index]
                     os.replace(file.tmp, file.final)
