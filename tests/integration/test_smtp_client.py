@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from slimta.edge.smtp import SmtpValidators
 from slimta.smtp.client import Client, LmtpClient
 from slimta.smtp.reply import Reply
 
@@ -23,23 +22,12 @@ RECIPIENT_OK = ("250", "2.1.5")
 START_INPUT = ("354", None)
 TLS_READY = ("220", "2.0.0")
 TLS_FAILED = ("421", "4.7.0")
-AUTH_OK = ("235", "2.7.0")
-AUTH_INVALID = ("535", "5.7.8")
-NOT_ADVERTISED = ("504", "5.5.4")
-ENCRYPTION_REQUIRED = ("538", "5.7.11")
 UTF8_REQUIRED = ("553", "5.6.7")
 BYE = ("221", "2.0.0")
 
 
 def is_(reply: Reply, named: tuple[str, str | None]) -> bool:
     return reply.code == named[0] and reply.enhanced_status_code == named[1]
-
-
-class AuthValidators(SmtpValidators):
-    def handle_auth(self, reply: Reply, creds: Any) -> None:
-        if creds.authcid != "user" or not creds.check_secret("secret"):
-            reply.code = "535"
-            reply.message = "5.7.8 Authentication credentials invalid"
 
 
 @pytest.fixture
@@ -134,57 +122,29 @@ def test_smtputf8_when_advertised(edge: Any, connect: Callable[..., Client]) -> 
     assert queue.envelopes[0].sender == "δοκιμή@example.com"
 
 
-def test_starttls_then_auth_plain(
+def test_starttls_then_mail(
     make_edge: Any,
     connect: Callable[..., Client],
     server_context: ssl.SSLContext,
     client_context: ssl.SSLContext,
 ) -> None:
-    _, port, queue = make_edge(context=server_context, auth=True, validator_class=AuthValidators)
+    _, port, queue = make_edge(context=server_context)
     client = connect(port)
     client.get_banner()
     client.ehlo("client.test")
     assert "STARTTLS" in client.extensions
-    # Without TLS only CRAM-MD5 may be chosen; PLAIN is refused locally.
-    assert is_(client.auth("user", "secret", mechanism="PLAIN"), ENCRYPTION_REQUIRED)
     assert is_(client.starttls(client_context), TLS_READY)
     assert client.io.encrypted and len(client.extensions) == 0
     client.ehlo("client.test")
     assert "STARTTLS" not in client.extensions
-    assert is_(client.auth("user", "wrong"), AUTH_INVALID)
-    assert is_(client.auth("user", "secret"), AUTH_OK)
     client.mailfrom("a@example.com")
     client.rcptto("b@example.com")
     assert is_(client.data(), START_INPUT)
     assert is_(client.send_data(b"Subject: s\r\n\r\nsecure\r\n"), QUEUED)
-    assert queue.envelopes[0].client["auth"]
+    assert queue.envelopes[0].message == b"secure\r\n"
 
 
-def test_auth_login_and_cram_md5(
-    make_edge: Any,
-    connect: Callable[..., Client],
-    server_context: ssl.SSLContext,
-    client_context: ssl.SSLContext,
-) -> None:
-    _, port, _ = make_edge(context=server_context, auth=True, validator_class=AuthValidators)
-    client = connect(port)
-    client.get_banner()
-    client.ehlo("client.test")
-    client.starttls(client_context)
-    client.ehlo("client.test")
-    assert is_(client.auth("user", "secret", mechanism=b"LOGIN"), AUTH_OK)
-    client2 = connect(port)
-    client2.get_banner()
-    client2.ehlo("client.test")
-    assert is_(client2.auth("user", "secret"), AUTH_OK)  # CRAM-MD5 in plaintext
-
-
-def test_auth_mechanism_not_advertised(edge: Any, connect: Callable[..., Client]) -> None:
-    _, port, _ = edge
-    client = connect(port)
-    client.get_banner()
-    client.ehlo("client.test")
-    assert is_(client.auth("user", "secret"), NOT_ADVERTISED)
+# AUTH (Client.auth, relay credentials): tests/integration/test_client_auth.py
 
 
 def test_starttls_handshake_failure_closes(

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 
 import pytest
 
 from slimta.smtp import _events as ev
 from slimta.smtp._client import (
+    CLEARTEXT_MECHANISMS,
+    CLIENT_MECHANISMS,
     CONVERSION_NOT_ALLOWED,
+    SASL_CANCEL,
     SMTPUTF8_REQUIRED,
     ClientConnection,
-    SaslClient,
+    auth_argument,
     choose_mechanism,
+    decode_challenge,
+    encode_response,
     mail_argument,
     needs_binarymime,
     needs_smtputf8,
@@ -166,33 +169,63 @@ def test_choose_mechanism(
         assert isinstance(got, tuple) and got[0] == expected
 
 
-def test_sasl_plain() -> None:
-    sasl = SaslClient(b"PLAIN", "user", "pw", None)
-    arg = sasl.command_argument()
-    assert arg.startswith(b"PLAIN ")
-    assert base64.b64decode(arg[6:]) == b"\0user\0pw"
-    assert SaslClient(b"PLAIN", "u", "p", "z").command_argument() == b"PLAIN " + base64.b64encode(
-        b"z\0u\0p"
-    )
+@pytest.mark.parametrize(
+    ("mechanism", "initial", "expected"),
+    [
+        (b"CRAM-MD5", None, b"CRAM-MD5"),
+        (b"PLAIN", b"\0user\0pw", b"PLAIN " + base64.b64encode(b"\0user\0pw")),
+        # RFC 4954 4: an empty initial response is sent as "=".
+        (b"EXTERNAL", b"", b"EXTERNAL ="),
+    ],
+)
+def test_auth_argument(mechanism: bytes, initial: bytes | None, expected: bytes) -> None:
+    assert auth_argument(mechanism, initial) == expected
 
 
-def test_sasl_login_and_cancel() -> None:
-    sasl = SaslClient(b"LOGIN", "user", "pw", None)
-    assert sasl.command_argument() == b"LOGIN"
-    assert base64.b64decode(sasl.respond("VXNlcm5hbWU6")) == b"user"
-    assert base64.b64decode(sasl.respond("UGFzc3dvcmQ6")) == b"pw"
-    assert sasl.respond("") == b"*"
-    assert SaslClient(b"LOGIN", "u", "p", None).respond("not base64!") == b"*"
-
-
-def test_sasl_cram_md5() -> None:
-    challenge = b"<1896.697170952@postoffice.example.net>"
-    sasl = SaslClient(b"CRAM-MD5", "tim", "tanstaaftanstaaf", None)
-    answer = base64.b64decode(sasl.respond(base64.b64encode(challenge).decode()))
-    digest = hmac.new(b"tanstaaftanstaaf", challenge, hashlib.md5).hexdigest()
-    assert answer == f"tim {digest}".encode()
+@pytest.mark.parametrize("mechanism", [b"", b"plain", b"PLAIN X", b"A" * 21, b"PLAIN\r\nRSET"])
+def test_auth_argument_refuses_bad_names(mechanism: bytes) -> None:
     with pytest.raises(ValueError):
-        SaslClient(b"GSSAPI", "u", "p", None)
+        auth_argument(mechanism)
+
+
+def test_auth_framing_joined_to_server_core() -> None:
+    # The AUTH line and a response line go through the core like any other.
+    conn = ClientConnection(extensions("PIPELINING", "AUTH CRAM-MD5"))
+    conn.send_command(b"AUTH", auth_argument(b"CRAM-MD5"))
+    assert conn.ends_group(b"AUTH")
+    assert conn.data_to_send() == b"AUTH CRAM-MD5\r\n"
+    # RFC 2195 2, the example exchange.
+    conn.receive_data(b"334 PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n")
+    command, reply = conn.next_reply() or (b"", None)
+    assert command == b"AUTH" and reply is not None and reply.code == "334"
+    assert decode_challenge(reply.message) == b"<1896.697170952@postoffice.reston.mci.net>"
+    conn.send_line(encode_response(b"tim b913a602c7eda7a495b4e6e7334d3890"), b"AUTH")
+    assert conn.data_to_send() == (b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n")
+    with pytest.raises(ValueError):
+        conn.send_line(b"abc\r\nQUIT", b"AUTH")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("VXNlcm5hbWU6", b"Username:"),
+        ("  UGFzc3dvcmQ6 ", b"Password:"),
+        ("", b""),
+        ("not base64!", None),
+        ("VXNlcm5hbWU", None),  # bad padding
+        ("δ", None),
+    ],
+)
+def test_decode_challenge(text: str, expected: bytes | None) -> None:
+    assert decode_challenge(text) == expected
+
+
+def test_encode_response_and_cancel() -> None:
+    assert encode_response(b"user") == b"dXNlcg=="
+    assert encode_response(b"") == b""
+    assert SASL_CANCEL == b"*"
+    assert set(CLIENT_MECHANISMS) >= CLEARTEXT_MECHANISMS
+    assert CLIENT_MECHANISMS[0] == b"PLAIN" and b"CRAM-MD5" not in CLEARTEXT_MECHANISMS
 
 
 # ------------------------------------------- client core joined to server core

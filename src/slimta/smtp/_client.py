@@ -23,8 +23,9 @@ The module also holds the rules a client applies to what it sends:
   :class:`DotStuffer`);
 * BDAT framing (RFC 3030, :func:`bdat_frames`);
 * which envelopes need SMTPUTF8 (RFC 6531) or 8BITMIME (RFC 6152);
-* client SASL for PLAIN, LOGIN and CRAM-MD5 (RFC 4954, 4616, 2195) and the
-  choice of mechanism among those advertised.
+* the choice of a SASL mechanism among those advertised, never a cleartext
+  one without TLS, and the framing of the AUTH exchange (RFC 4954); the
+  mechanisms themselves run in the adapter, through pysasl.
 
 Nothing here does I/O, keeps time or logs.
 """
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,14 +42,19 @@ from slimta.smtp._reply import ParsedReply, ReplyParser
 from slimta.smtp.extensions import Extensions
 
 __all__ = [
+    "CLEARTEXT_MECHANISMS",
+    "CLIENT_MECHANISMS",
     "CONVERSION_NOT_ALLOWED",
+    "SASL_CANCEL",
     "SMTPUTF8_REQUIRED",
     "ClientConnection",
     "DotStuffer",
-    "SaslClient",
+    "auth_argument",
     "bdat_frames",
     "choose_mechanism",
+    "decode_challenge",
     "dot_stuff",
+    "encode_response",
     "is_ascii",
     "mail_argument",
     "needs_binarymime",
@@ -237,12 +241,17 @@ def bdat_frames(
 
 
 # ------------------------------------------------------------------------ SASL
-#: Mechanisms this client can run, best first when the session is encrypted.
-_TLS_PREFERENCE = (b"PLAIN", b"LOGIN", b"CRAM-MD5")
-#: Mechanisms usable without TLS: none that sends the secret in the clear.
-_CLEAR_PREFERENCE = (b"CRAM-MD5",)
+#: Mechanisms a client may choose, best first (RFC 4954). Under TLS, PLAIN
+#: costs one round trip and lets the server store only hashes; CRAM-MD5 is
+#: the one that keeps the secret off the wire without TLS. The adapter runs
+#: them (through pysasl); the core only chooses and frames.
+CLIENT_MECHANISMS = (b"PLAIN", b"LOGIN", b"CRAM-MD5")
 #: Mechanisms that send the secret in the clear (RFC 4954 4, 14).
 CLEARTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+#: The response line that cancels an exchange (RFC 4954 4).
+SASL_CANCEL = b"*"
+#: A SASL mechanism name (RFC 4422 3.1).
+_MECHANISM_NAME = re.compile(rb"[A-Z0-9_-]{1,20}\Z")
 
 
 def choose_mechanism(
@@ -264,63 +273,45 @@ def choose_mechanism(
     if requested is not None:
         name = requested.encode("ascii") if isinstance(requested, str) else requested
         name = name.upper()
-        if name not in offered or name not in _TLS_PREFERENCE:
+        if name not in offered or name not in CLIENT_MECHANISMS:
             return ("504", "5.5.4 Authentication mechanism not advertised or not supported")
         if name in CLEARTEXT_MECHANISMS and not encrypted:
             return ("538", "5.7.11 Encryption required for requested authentication mechanism")
         return name
-    for name in _TLS_PREFERENCE if encrypted else _CLEAR_PREFERENCE:
-        if name in offered:
+    for name in CLIENT_MECHANISMS:
+        if name in offered and (encrypted or name not in CLEARTEXT_MECHANISMS):
             return name
     return ("504", "5.5.4 No usable authentication mechanism advertised")
 
 
-class SaslClient:
-    """The client side of one SASL exchange (PLAIN, LOGIN or CRAM-MD5).
+def auth_argument(mechanism: bytes, initial_response: bytes | None = None) -> bytes:
+    """The argument of ``AUTH``: the mechanism and any initial response.
 
-    :param mechanism: the mechanism name, e.g. ``b'PLAIN'``.
-    :raises ValueError: for a mechanism not supported here.
+    An empty initial response is sent as ``=`` (RFC 4954 4).
+
+    :raises ValueError: *mechanism* is not a SASL mechanism name.
     """
+    if _MECHANISM_NAME.match(mechanism) is None:
+        raise ValueError("invalid SASL mechanism name", mechanism)
+    if initial_response is None:
+        return mechanism
+    return mechanism + b" " + (base64.b64encode(initial_response) or b"=")
 
-    __slots__ = ("_authcid", "_authzid", "_secret", "_step", "mechanism")
 
-    def __init__(self, mechanism: bytes, authcid: str, secret: str, authzid: str | None) -> None:
-        if mechanism not in _TLS_PREFERENCE:
-            raise ValueError("unsupported SASL mechanism", mechanism)
-        self.mechanism = mechanism
-        self._authcid = authcid
-        self._secret = secret
-        self._authzid = authzid
-        self._step = 0
+def decode_challenge(text: str) -> bytes | None:
+    """The data of a ``334`` reply, or ``None`` when it is not base64.
 
-    def command_argument(self) -> bytes:
-        """The argument of the ``AUTH`` command: name and any initial response."""
-        if self.mechanism == b"PLAIN":
-            # RFC 4954 4: one round trip with an initial response.
-            authzid = self._authzid or ""
-            raw = f"{authzid}\0{self._authcid}\0{self._secret}".encode()
-            return b"PLAIN " + (base64.b64encode(raw) or b"=")
-        return self.mechanism
+    A client answers an undecodable challenge with :data:`SASL_CANCEL`.
+    """
+    try:
+        return base64.b64decode(text.strip().encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
 
-    def respond(self, challenge_text: str) -> bytes:
-        """The base64 answer line for the text of a ``334`` reply.
 
-        :returns: the line to send; ``b'*'`` cancels a malformed exchange
-            (RFC 4954 4).
-        """
-        try:
-            challenge = base64.b64decode(challenge_text.strip().encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError, ValueError):
-            return b"*"
-        step = self._step
-        self._step += 1
-        if self.mechanism == b"LOGIN" and step < 2:
-            value = self._authcid if step == 0 else self._secret
-            return base64.b64encode(value.encode("utf-8")) or b"="
-        if self.mechanism == b"CRAM-MD5" and step == 0:
-            digest = hmac.new(self._secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
-            return base64.b64encode(f"{self._authcid} {digest}".encode())
-        return b"*"
+def encode_response(data: bytes) -> bytes:
+    """The line answering a challenge: *data* in base64 (empty stays empty)."""
+    return base64.b64encode(data)
 
 
 # ------------------------------------------------------------------ connection

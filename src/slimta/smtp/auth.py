@@ -1,32 +1,47 @@
 """SASL authentication for SMTP (RFC 4954) on top of pysasl 1.x.
 
 :class:`AuthSession` knows which mechanisms a session offers and runs one
-SASL exchange; the I/O of each step is passed in as two callables, so the
-same code serves the server adapter and tests. Cleartext mechanisms
-(PLAIN, LOGIN) are advertised always but refused until the session is
-encrypted: pysasl 1.x no longer marks them, so the list is kept here.
+SASL exchange, on the server side (:meth:`~AuthSession.server_attempt`) or
+the client side (:meth:`~AuthSession.client_attempt`); the I/O of each step
+is passed in as a callable, so the same code serves the adapters and tests.
+Cleartext mechanisms (PLAIN, LOGIN) are advertised always but refused until
+the session is encrypted, on both sides: pysasl 1.x no longer marks them, so
+the list is kept in the core (:data:`~slimta.smtp._client.CLEARTEXT_MECHANISMS`).
+
+Secrets never reach a log: AUTH lines a client sends are written to the
+socket directly and logged with their SASL data masked.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pysasl import SASLAuth
+from pysasl.creds.client import ClientCredentials
 from pysasl.exception import AuthenticationError
 from pysasl.identity import ClearIdentity
 from pysasl.mechanism import ChallengeResponse, ServerChallenge
 
-from slimta.smtp import SmtpError
+from slimta.logging import getSocketLogger
+from slimta.smtp import ConnectionLost, RemoteProtocolError, SmtpError
+from slimta.smtp._client import (
+    CLEARTEXT_MECHANISMS,
+    CLIENT_MECHANISMS,
+    SASL_CANCEL,
+    auth_argument,
+    decode_challenge,
+    encode_response,
+)
 from slimta.smtp.reply import Reply
 
 __all__ = ["AuthSession", "ServerAuthError"]
 
-#: Mechanisms that send the secret in the clear: refused without TLS.
-CLEARTEXT_MECHANISMS = frozenset({b"PLAIN", b"LOGIN"})
+log = getSocketLogger(__name__)
 #: Mechanisms whose first message comes from the server (no initial response).
 SERVER_FIRST_MECHANISMS = frozenset({b"CRAM-MD5"})
 #: What ``auth=True`` offers.
@@ -154,6 +169,11 @@ def _named(names: tuple[bytes, ...]) -> SASLAuth:
         raise ValueError(f"unknown SASL mechanism: {exc.args[0]!r}") from None
 
 
+def client_sasl() -> SASLAuth:
+    """The pysasl mechanisms an SMTP client runs (PLAIN, LOGIN, CRAM-MD5)."""
+    return _named(CLIENT_MECHANISMS)
+
+
 def decode_response(line: str) -> bytes:
     """Strict base64 (RFC 4954 4): ``=`` is an empty response.
 
@@ -171,11 +191,14 @@ def decode_response(line: str) -> bytes:
 
 
 class AuthSession:
-    """The AUTH capability of one SMTP session.
+    """The AUTH capability of one SMTP session, server or client side.
 
-    :param auth: a :class:`pysasl.SASLAuth`.
-    :param io: the session's IO (kept for the 4.0 interface).
-    :param encrypted: a callable telling whether the session is under TLS.
+    :param auth: a :class:`pysasl.SASLAuth`; a client uses
+        :func:`client_sasl`.
+    :param io: the session's IO (the 4.0 interface): :meth:`client_attempt`
+        reads and writes it when given no ``exchange``.
+    :param encrypted: a callable telling whether the session is under TLS;
+        by default, whether *io* is.
     """
 
     def __init__(
@@ -247,3 +270,136 @@ class AuthSession:
                 raise UnexpectedAuthError(exc) from None
             return Credentials(creds, name)
         raise UnexpectedAuthError(ValueError("too many SASL round trips"))
+
+    def client_attempt(
+        self,
+        authcid: str | bytes,
+        secret: str | bytes,
+        authzid: str | bytes | None,
+        mech_name: str | bytes,
+        *,
+        exchange: Callable[[bytes], tuple[str, str]] | None = None,
+    ) -> Reply:
+        """Authenticate to a server: one SASL exchange, client side.
+
+        Sends ``AUTH <mech_name>`` with the initial response pysasl gives
+        (PLAIN has one; LOGIN and CRAM-MD5 wait for the server), answers
+        every ``334`` challenge through the pysasl mechanism and returns the
+        server's final reply. A challenge that is not base64, or that the
+        mechanism did not expect, is answered with ``*`` (RFC 4954 4).
+
+        :param authcid: the authentication identity (user name).
+        :param secret: the password.
+        :param authzid: the identity to act as, or ``None``.
+        :param mech_name: the mechanism, e.g. ``b'PLAIN'``.
+        :param exchange: sends one line (without CRLF, never logged in the
+            clear) and returns the next reply as ``(code, message)``; by
+            default the session's :attr:`io` is used.
+        :returns: the final reply (``235`` on success), command ``AUTH``.
+        :raises InvalidMechanismError: *mech_name* is not one pysasl offers.
+        :raises InsecureMechanismError: a cleartext mechanism on an
+            unencrypted session; nothing is sent.
+        :raises RemoteProtocolError: the server went on challenging after the
+            exchange was canceled.
+
+        .. versionchanged:: 4.0
+           The mechanisms run through pysasl 1.x; PLAIN and LOGIN are refused
+           without TLS.
+        """
+        name = _text(mech_name).upper().encode("ascii", "replace")
+        mech = self.auth.get_client(name)
+        if mech is None:
+            raise InvalidMechanismError()
+        if name in CLEARTEXT_MECHANISMS and not self._encrypted():
+            raise InsecureMechanismError()
+        send = exchange if exchange is not None else self._io_exchange
+        creds = ClientCredentials(
+            _text(authcid), _text(secret), _text(authzid) if authzid is not None else None
+        )
+        # pysasl answers "no challenge yet" with the initial response; it is
+        # empty for the mechanisms where the server speaks first (RFC 4954 4).
+        challenges: list[ServerChallenge] = []
+        initial = mech.client_attempt(creds, challenges).response
+        code, message = send(b"AUTH " + auth_argument(name, initial or None))
+        canceled = False
+        rounds = 0
+        while code == "334":
+            if canceled:
+                # RFC 4954 4: the server must end with 501 after a "*";
+                # one that does not leaves the session in an unknown state.
+                raise RemoteProtocolError(Reply("421", _NOT_ENDED, command=b"AUTH"))
+            rounds += 1
+            line = self._answer(mech, creds, challenges, message, rounds)
+            canceled = line == SASL_CANCEL
+            code, message = send(line)
+        return Reply(code, message, command=b"AUTH")
+
+    @staticmethod
+    def _answer(
+        mech: Any,
+        creds: ClientCredentials,
+        challenges: list[ServerChallenge],
+        text: str,
+        rounds: int,
+    ) -> bytes:
+        # The line answering the challenge in *text*, or SASL_CANCEL.
+        data = decode_challenge(text)
+        if data is None or rounds > _MAX_CLIENT_ROUNDS:
+            return SASL_CANCEL
+        challenges.append(ServerChallenge(data))
+        try:
+            response: bytes = mech.client_attempt(creds, challenges).response
+        except (AuthenticationError, ValueError):
+            # An unexpected challenge, or a secret SASLprep refuses.
+            return SASL_CANCEL
+        return encode_response(response)
+
+    def _io_exchange(self, line: bytes) -> tuple[str, str]:
+        # The 4.0 way: AuthSession(auth, io) on a client IO.
+        io = self.io
+        io.flush_send()
+        send_secret(io.socket, line + b"\r\n")
+        code, message = io.recv_reply()
+        return str(code), str(message)
+
+
+#: Most challenges answered in one exchange before it is canceled; the
+#: built-in mechanisms need at most two.
+_MAX_CLIENT_ROUNDS = 8
+_NOT_ENDED = "4.7.0 Server went on with a canceled AUTH exchange"
+_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def mask_auth_line(line: bytes) -> bytes:
+    """*line* as it may be logged: SASL data replaced by ``********``.
+
+    ``AUTH PLAIN <data>`` keeps its verb and mechanism; a response line is
+    masked whole, except a cancel (``*``).
+    """
+    body = line.rstrip(b"\r\n")
+    ending = line[len(body) :]
+    if body == SASL_CANCEL:
+        return line
+    # Base64 has no space: only the command line starts with "AUTH ".
+    if body[:5].upper() == b"AUTH ":
+        mechanism, _, data = body[5:].partition(b" ")
+        return b"AUTH " + mechanism + (b" ********" if data else b"") + ending
+    return b"********" + ending
+
+
+def send_secret(sock: Any, data: bytes) -> None:
+    """Send AUTH lines on *sock*, logging them masked (never in the clear).
+
+    :raises ConnectionLost: when the peer reset or closed the connection.
+    """
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        if exc.errno in _RESET_ERRNOS:
+            raise ConnectionLost() from exc
+        raise
+    log.send(sock, b"".join(mask_auth_line(line) for line in data.splitlines(keepends=True)))

@@ -9,23 +9,22 @@ TLS wrapping. It sets no timeouts: callers bound each call with a
 
 from __future__ import annotations
 
-import errno
 import ssl
 from typing import Any
 
 import gevent.select
 
-from slimta.smtp import BadReply, ConnectionLost
+from slimta.smtp import BadReply
 from slimta.smtp._client import (
     SMTPUTF8_REQUIRED,
     ClientConnection,
-    SaslClient,
     bdat_frames,
     choose_mechanism,
     mail_argument,
     rcpt_argument,
 )
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
+from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.datasender import DataSender
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO
@@ -35,11 +34,8 @@ __all__ = ["Client", "LmtpClient"]
 
 #: Seconds :meth:`Client.has_reply_waiting` waits for unsolicited data.
 _REPLY_WAITING_POLL = 0.01
-#: Most SASL challenges answered in one AUTH exchange.
-_MAX_SASL_ROUNDS = 8
 #: Replies that carry no enhanced status code (RFC 2034 3).
 _NO_ESC = frozenset({b"[BANNER]", b"EHLO", b"HELO", b"LHLO"})
-_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
 
 
 def _to_bytes(value: str | bytes) -> bytes:
@@ -132,16 +128,6 @@ class Client:
         reply = Reply(code, message, command=command, address=self.io.address)
         self.last_error = reply
         return reply
-
-    def _send_secret(self, data: bytes) -> None:
-        # AUTH lines carry the secret: they bypass the IO's send logging.
-        self._flush_pipeline()
-        try:
-            self.io.socket.sendall(data)
-        except OSError as exc:
-            if exc.errno in _RESET_ERRNOS:
-                raise ConnectionLost() from exc
-            raise
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:
@@ -245,36 +231,43 @@ class Client:
         authzid: str | None = None,
         mechanism: bytes | str | None = None,
     ) -> Reply:
-        """Authenticate with a mechanism the server advertised.
+        """Authenticate with a mechanism the server advertised (RFC 4954).
 
-        Without *mechanism*, PLAIN (then LOGIN, then CRAM-MD5) is used under
-        TLS, and only CRAM-MD5 without it. A mechanism not advertised, or a
-        cleartext one without TLS, is refused here (``504 5.5.4`` or
-        ``538 5.7.11``) without sending anything.
+        The exchange runs through pysasl's client mechanisms
+        (:meth:`AuthSession.client_attempt
+        <slimta.smtp.auth.AuthSession.client_attempt>`). Without
+        *mechanism*, PLAIN (then LOGIN, then CRAM-MD5) is used under TLS, and
+        only CRAM-MD5 without it. A mechanism not advertised, or a cleartext
+        one without TLS, is refused here (``504 5.5.4`` or ``538 5.7.11``)
+        without sending anything. The secret is never logged.
 
+        :param authcid: the authentication identity (user name).
+        :param secret: the password.
+        :param authzid: the identity to act as, if not *authcid*.
+        :param mechanism: a mechanism to use instead of the best advertised.
         :returns: the final reply (235 on success).
 
         .. versionchanged:: 4.0
-           4.0 sent PLAIN whatever the server advertised.
+           4.0 sent PLAIN whatever the server advertised, even without TLS.
         """
         self._flush_pipeline()
         choice = choose_mechanism(self.extensions.getparam("AUTH"), self.io.encrypted, mechanism)
         if isinstance(choice, tuple):
             return self._local(b"AUTH", *choice)
-        sasl = SaslClient(choice, authcid, secret, authzid)
-        self._conn.expect(b"AUTH")
-        self._send_secret(b"AUTH " + sasl.command_argument() + b"\r\n")
-        reply = Reply(command=b"AUTH")
-        parsed = self._read_one()
-        for _ in range(_MAX_SASL_ROUNDS):
-            if parsed.code != "334":
-                break
-            answer = sasl.respond(parsed.message)
-            self._conn.expect(b"AUTH")
-            self._send_secret(answer + b"\r\n")
-            parsed = self._read_one()
-        self._fill(reply, parsed)
+        session = AuthSession(client_sasl(), self.io)
+        reply = session.client_attempt(authcid, secret, authzid, choice, exchange=self._sasl_step)
+        reply.address = self.io.address
+        if reply.is_error():
+            self.last_error = reply
         return reply
+
+    def _sasl_step(self, line: bytes) -> tuple[str, str]:
+        # One line of an AUTH exchange and the reply to it. The line goes
+        # through the core for framing but not through the IO's logging.
+        self._conn.send_line(line, b"AUTH")
+        send_secret(self.io.socket, self._conn.data_to_send())
+        parsed = self._read_one()
+        return parsed.code, parsed.message
 
     # ------------------------------------------------------------ transaction
     def mailfrom(
