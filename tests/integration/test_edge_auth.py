@@ -1067,3 +1067,34 @@ def test_plaintext_client_on_smtps_port(auth_edge, raw, smtp, reply_is, client_c
     client.close()
     good = smtp(port, cls=smtplib.SMTP_SSL, context=client_context)
     assert reply_is(good.login("alice", "secret"), AUTH_OK)
+
+
+# ------------------------------------------------------------ logging
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+def test_sasl_data_never_logged(auth_edge, smtp, reply_is, client_context, caplog, mechanism):
+    _, port, _ = auth_edge()
+    with caplog.at_level("DEBUG", logger="slimta.smtp.server"):
+        client = smtp(port, local_hostname="client.test")
+        client.starttls(context=client_context)
+        client.ehlo()
+        assert reply_is(smtp_auth(client, mechanism, "alice", "secret"), AUTH_OK)
+        client.quit()
+    text = caplog.text
+    assert "recv" in text and "********" in text
+    # PLAIN's and LOGIN's answers, and the start of CRAM-MD5's ("alice ...").
+    for secret in (plain("alice", "secret"), b64("secret"), b64("alice"), b64("alice ")[:8]):
+        assert secret not in text
+
+
+def test_cleartext_auth_line_masked_in_log(auth_edge, raw, caplog):
+    _, port, _ = auth_edge()
+    with caplog.at_level("DEBUG", logger="slimta.smtp.server"):
+        client = raw(port)
+        client.greet()
+        client.send(b"AUTH PLAIN " + plain("alice", "secret").encode() + b"\r\nNOOP\r\n")
+        client.read_reply()
+        client.read_reply()
+    assert plain("alice", "secret") not in caplog.text
+    assert "AUTH PLAIN ********" in caplog.text

@@ -26,7 +26,7 @@ from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
 from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
-from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl
+from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO, RECV_SIZE
 from slimta.smtp.reply import Reply
@@ -60,6 +60,22 @@ class _WaitExpired(Exception):
 
 def _expire(glet: Any) -> None:
     glet.throw(_WaitExpired)
+
+
+def _mask_sasl(data: bytes, in_sasl: bool) -> bytes:
+    """*data* as it may be logged: the SASL data of AUTH lines and of
+    responses to challenges replaced by ``********``. Once an AUTH line is
+    seen, the rest of *data* is treated as responses."""
+    lines = data.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line.strip(b"\r"):
+            continue
+        if in_sasl:
+            lines[index] = mask_auth_line(line)
+        elif line[:5].upper() == b"AUTH ":
+            lines[index] = mask_auth_line(line)
+            in_sasl = True
+    return b"\n".join(lines)
 
 
 class _AuthAborted(Exception):
@@ -125,6 +141,8 @@ class Server:
             ext.add("STARTTLS")
         sasl = build_sasl(auth)
         self._auth = AuthSession(sasl, self.io, lambda: self._conn.encrypted) if sasl else None
+        # Whether the next bytes read answer a SASL challenge (for the log).
+        self._in_sasl = False
         if self._auth is not None:
             ext.add("AUTH", self._auth)
         self._raw_sock: Any = None
@@ -279,7 +297,7 @@ class Server:
                         if not data:
                             raise ConnectionLost()
                         if self._log_io:
-                            log.recv(raw, data)
+                            self._log_recv(raw, data)
                 if data is None:
                     served = 0
                     data = self._recv(conn, park_after, raw is not None)
@@ -409,7 +427,7 @@ class Server:
         if not data:
             raise ConnectionLost()
         if self._log_io:
-            log.recv(sock, data)
+            self._log_recv(sock, data)
         return data
 
     def _recv_raw(
@@ -593,8 +611,21 @@ class Server:
     def _on_auth_aborted(self, conn: ServerConnection, event: Any) -> None:
         """Nothing to do: the core answered already."""
 
+    def _log_recv(self, sock: Any, data: bytes) -> None:
+        """Log received bytes, with SASL data masked when AUTH is offered."""
+        if self._auth is not None:
+            data = _mask_sasl(data, self._in_sasl)
+        log.recv(sock, data)
+
     def _next_auth_line(self, conn: ServerConnection) -> str:
         """Read the client's answer to a 334 challenge."""
+        self._in_sasl = True
+        try:
+            return self._read_auth_line(conn)
+        finally:
+            self._in_sasl = False
+
+    def _read_auth_line(self, conn: ServerConnection) -> str:
         while True:
             event = conn.next_event()
             cls = event.__class__
