@@ -204,6 +204,14 @@ class RawClient:
             self.sock.close()
 
 
+@pytest.fixture(autouse=True)
+def _no_ptr_lookups(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Edges skip PTR lookups, except in the PTR tests: elsewhere they would
+    query the machine's resolver, whose speed is not the tests' business."""
+    if not request.module.__name__.endswith("test_ptrlookup"):
+        monkeypatch.setattr(SmtpEdge, "ptr_lookup", False)
+
+
 @pytest.fixture
 def make_edge(
     monkeypatch: pytest.MonkeyPatch,

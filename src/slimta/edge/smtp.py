@@ -21,6 +21,7 @@ from slimta.smtp import ConnectionLost, MessageTooBig
 from slimta.smtp._address import decode_xtext
 from slimta.smtp.reply import Reply
 from slimta.smtp.server import Server
+from slimta.util.ptrlookup import PtrLookup
 
 __all__ = ["SmtpEdge", "SmtpValidators"]
 
@@ -58,6 +59,8 @@ class SmtpSession:
     """
 
     __slots__ = (
+        "_ptr_lookup",
+        "_ptr_runtime",
         "address",
         "auth",
         "ehlo_as",
@@ -93,6 +96,32 @@ class SmtpSession:
         #: The ``AUTH=`` mailbox of MAIL (RFC 4954 5), kept when authenticated.
         self.submitter: str | None = None
         self.validators = validator_class(self) if validator_class is not None else None
+        self._ptr_lookup: PtrLookup | None = None
+        self._ptr_runtime = 0.0
+
+    def _start_ptr_lookup(self, runtime: float) -> None:
+        """Look the client's address up; the first message waits for the
+        answer until *runtime* seconds after this call at most."""
+        ip = self.address[0] if self.address else None
+        if not ip:
+            return
+        lookup = self._ptr_lookup = PtrLookup(ip)
+        self._ptr_runtime = runtime
+        lookup.rawlink(self._ptr_found)
+        lookup.start()
+
+    def _ptr_found(self, lookup: PtrLookup) -> None:
+        # As soon as the name is known validators see it too; the finished
+        # greenlet is let go rather than kept for the session's lifetime.
+        if lookup is self._ptr_lookup:
+            self._ptr_lookup = None
+            self.reverse_address = lookup.finish()
+
+    def _end_ptr_lookup(self, runtime: float | None) -> None:
+        lookup = self._ptr_lookup
+        if lookup is not None:
+            self._ptr_lookup = None
+            self.reverse_address = lookup.finish(runtime)
 
     @property
     def protocol(self) -> str:
@@ -201,6 +230,8 @@ class SmtpSession:
         self._hook("handle_have_data", reply, data)
         if reply.code != "250":
             return
+        # Spec 16: 4.0 never stored the PTR result; wait for it, bounded.
+        self._end_ptr_lookup(self._ptr_runtime)
         envelope.client = {
             "ip": self.address[0] if self.address else None,
             "host": self.reverse_address,
@@ -284,6 +315,14 @@ class SmtpEdge(EdgeServer):
 
     _handler_closes_socket = True
 
+    #: Look up each client's PTR name in the background when its session
+    #: starts, for ``session.reverse_address`` and ``envelope.client['host']``.
+    #: Set to ``False`` (on the class or an instance) to skip the lookups.
+    ptr_lookup = True
+    #: Seconds after a connection opens until which its first message waits
+    #: for a PTR answer still outstanding, before being queued without it.
+    ptr_lookup_timeout = 5.0
+
     def __init__(
         self,
         listener: Any,
@@ -336,6 +375,8 @@ class SmtpEdge(EdgeServer):
         )
         if self.max_size:
             server.extensions.add("SIZE", self.max_size)
+        if self.ptr_lookup:
+            session._start_ptr_lookup(self.ptr_lookup_timeout)
         self._serve(server, None)
 
     def _serve(self, server: Server, woken: bool | None) -> None:
@@ -360,6 +401,7 @@ class SmtpEdge(EdgeServer):
                 server._park(lambda timed_out: self._wake(server, timed_out))
             else:
                 server.io.close()
+                server.handlers._end_ptr_lookup(None)
 
     def _wake(self, server: Server, timed_out: bool) -> None:
         self._parked.discard(server)
@@ -378,3 +420,4 @@ class SmtpEdge(EdgeServer):
             server._stop_park()
             server._final_reply(server._conn, "421", "4.3.2 Service shutting down")
             server.io.close()
+            server.handlers._end_ptr_lookup(None)
