@@ -92,11 +92,15 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.relay.smtp.client": {"SmtpRelayClient"},
     "slimta.relay.smtp.lmtpclient": {"LmtpRelayClient"},
     "slimta.relay.smtp.static": {"StaticSmtpRelay", "StaticLmtpRelay"},
+    "slimta.relay.smtp.mx": {"MxSmtpRelay", "NoDomainError"},
     "slimta.relay.blackhole": {"BlackholeRelay"},
     # [8]
     "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},
     # [14]
     "slimta.diskstorage": {"DiskStorage"},
+    # [11], [12.1]
+    "slimta.util.dns": {"DNSError", "DNSResolver"},
+    "slimta.util.ptrlookup": {"PtrLookup"},
     # [12.3]
     "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]
@@ -190,6 +194,13 @@ SPEC_SIGNATURES: dict[tuple[str, str], list[tuple[str, Any]]] = {
     ],
     # [4.4]
     ("slimta.smtp.io", "IO.__init__"): [("socket", _EMPTY), ("address", None)],
+    # [7.5]
+    ("slimta.relay.smtp.mx", "MxSmtpRelay.__init__"): [("context", None)],
+    ("slimta.relay.smtp.mx", "MxSmtpRelay.force_mx"): [
+        ("domain", _EMPTY),
+        ("destination", _EMPTY),
+        ("port", 25),
+    ],
 }
 
 
