@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -136,19 +137,24 @@ class DnsServer:
             for rtype, records in types.items():
                 self.set(name, rtype, records)
         self.host = host
-        self._udp = _Socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._tcp = _Socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._udp.bind((host, port))
-            #: The port, UDP and TCP.
-            self.port: int = self._udp.getsockname()[1]
-            self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._tcp.bind((host, self.port))
-            self._tcp.listen(16)
-        except BaseException:
-            self._udp.close()
-            self._tcp.close()
-            raise
+        # An ephemeral UDP port may be taken for TCP: then try another one.
+        for attempt in range(1 if port else 20):
+            self._udp = _Socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._tcp = _Socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                self._udp.bind((host, port))
+                #: The port, UDP and TCP.
+                self.port: int = self._udp.getsockname()[1]
+                self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._tcp.bind((host, self.port))
+                self._tcp.listen(16)
+                break
+            except BaseException as exc:
+                self._udp.close()
+                self._tcp.close()
+                retry = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+                if not retry or port or attempt == 19:
+                    raise
         self._wake_r, self._wake_w = os.pipe()
         self._done = _allocate_lock()
         self._running = False
