@@ -101,9 +101,13 @@ def needs_binarymime(*parts: bytes) -> bool:
     for part in parts:
         if b"\x00" in part:
             return True
-        if len(part) > _TEXT_LINE_LIMIT and any(
-            len(line) > _TEXT_LINE_LIMIT for line in _LINE_BREAK.split(part)
-        ):
+        if len(part) <= _TEXT_LINE_LIMIT:
+            continue
+        # Splitting at LF alone is quick, and only overestimates a line's
+        # length (by its CR, or by CR-only breaks inside it).
+        if max(map(len, part.split(b"\n"))) <= _TEXT_LINE_LIMIT:
+            continue
+        if any(len(line) > _TEXT_LINE_LIMIT for line in _LINE_BREAK.split(part)):
             return True
     return False
 
@@ -157,6 +161,9 @@ def rcpt_argument(address: str, *, smtputf8: bool = False) -> bytes:
 # ---------------------------------------------------------------- message data
 def normalize_line_endings(data: bytes) -> bytes:
     """Turn every CRLF, bare CR and bare LF into CRLF (RFC 5321 2.3.8)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data  # the usual case: nothing to change, found at C speed
     return _LINE_BREAK.sub(b"\r\n", data)
 
 

@@ -9,12 +9,14 @@ TLS wrapping. It sets no timeouts: callers bound each call with a
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
 import gevent.monkey
 
-from slimta.smtp import BadReply
+from slimta.logging import getSocketLogger
+from slimta.smtp import BadReply, ConnectionLost
 from slimta.smtp._client import (
     SMTPUTF8_REQUIRED,
     ClientConnection,
@@ -27,10 +29,12 @@ from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.datasender import DataSender
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import IO
+from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE
 from slimta.smtp.reply import Reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
+
+log = getSocketLogger("slimta.smtp.io")
 
 #: The real select(): a zero-timeout poll needs no trip through the hub.
 _select = gevent.monkey.get_original("select", "select")
@@ -64,6 +68,27 @@ class Client:
         self.reply_queue: list[Reply] = []
         #: The last 4xx/5xx reply read.
         self.last_error: Reply | None = None
+        # The inner socket of a plain gevent socket (see _raw), and the
+        # socket it was found for: TLS replaces io.socket.
+        self._raw_for: Any = None
+        self._raw_sock: Any = None
+        self._log_io = log.log.isEnabledFor(logging.DEBUG)
+
+    def _raw(self) -> Any:
+        """The non-blocking socket inside :attr:`io`'s plain gevent socket.
+
+        Reading and writing it directly, and going through gevent only when
+        it would block, saves gevent's per-call overhead (a ``getsockopt``
+        per ``sendall``, a wait object per ``recv``) on every command.
+        ``None`` for TLS or foreign sockets.
+        """
+        sock = self.io.socket
+        if sock is not self._raw_for:
+            self._raw_for = sock
+            raw = getattr(sock, "_sock", None)
+            usable = raw is not None and hasattr(sock, "_wait")
+            self._raw_sock = raw if usable and not isinstance(sock, ssl.SSLSocket) else None
+        return self._raw_sock
 
     # ------------------------------------------------------------ attributes
     @property
@@ -97,6 +122,23 @@ class Client:
                 raise BadReply(exc.data) from None
             if got is not None:
                 return got[1]
+            raw = self._raw()
+            if raw is not None:
+                try:
+                    data = raw.recv(RECV_SIZE)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno in _RESET_ERRNOS:
+                        raise ConnectionLost() from exc
+                    raise
+                else:
+                    if not data:
+                        raise ConnectionLost()
+                    if self._log_io:
+                        log.recv(raw, data)
+                    conn.receive_data(data)
+                    continue
             conn.receive_data(self.io.raw_recv())
 
     def flush_pipeline(self) -> None:
@@ -108,9 +150,14 @@ class Client:
 
     def _flush_pipeline(self) -> None:
         data = self._conn.data_to_send()
+        io = self.io
+        if io.send_buffer:
+            if data:
+                io.buffered_send(data)
+            data = b"".join(io.send_buffer)
+            io.send_buffer.clear()
         if data:
-            self.io.buffered_send(data)
-        self.io.flush_send()
+            self._send_now(data)
         while self.reply_queue:
             reply = self.reply_queue.pop(0)
             self._fill(reply, self._read_one())
@@ -128,6 +175,24 @@ class Client:
         reply = Reply(code, message, command=command, address=self.io.address)
         self.last_error = reply
         return reply
+
+    def _send_now(self, data: bytes) -> None:
+        raw = self._raw()
+        if raw is not None:
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if exc.errno in _RESET_ERRNOS:
+                    raise ConnectionLost() from exc
+                raise
+            if self._log_io and sent:
+                log.send(raw, data[:sent])
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.io.raw_send(data)
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import socket as _socket
 import ssl
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -60,6 +59,54 @@ class _StepTimeout(Exception):
     def __init__(self, command: bytes) -> None:
         super().__init__(command)
         self.command = command
+
+
+class _Deadline:
+    """The deadline of one step of a session, as a reusable context manager.
+
+    One :class:`gevent.Timeout` per client is restarted for every step:
+    building a new one per command cost more than parsing the command's
+    reply. A step begun inside another (not done today) gets its own.
+    """
+
+    __slots__ = ("_command", "_error", "_owner", "_seconds", "_timeout")
+
+    def __init__(self, owner: SmtpRelayClient) -> None:
+        self._owner = owner
+        self._seconds: float | None = None
+        self._command = b""
+        self._error = _StepTimeout(b"")
+        self._timeout: gevent.Timeout | None = None
+
+    def arm(self, seconds: float | None, command: bytes) -> _Deadline:
+        if self._timeout is not None and self._timeout.pending:
+            return _Deadline(self._owner).arm(seconds, command)
+        self._seconds = seconds
+        self._command = command
+        return self
+
+    def __enter__(self) -> None:
+        self._owner._step = command = self._command
+        seconds = self._seconds
+        if seconds is None:
+            return
+        timeout = self._timeout
+        if timeout is None or timeout.seconds != seconds:
+            if timeout is not None:
+                timeout.close()
+            timeout = self._timeout = gevent.Timeout(seconds, self._error)
+        self._error.command = command
+        self._error.args = (command,)
+        timeout.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+
+    def close(self) -> None:
+        if self._timeout is not None:
+            self._timeout.close()
+            self._timeout = None
 
 
 def _is_8bit(*parts: bytes) -> bool:
@@ -134,20 +181,13 @@ class SmtpRelayClient(RelayPoolClient):
         self._result: AsyncResult | None = None
         self._step = b"[CONNECT]"
         self._broken = False
+        self._deadlines = _Deadline(self)
 
     # ---------------------------------------------------------------- helpers
-    @contextmanager
-    def _deadline(self, seconds: float | None, command: bytes) -> Iterator[None]:
-        self._step = command
-        if seconds is None:
-            yield
-            return
-        timeout = gevent.Timeout(seconds, _StepTimeout(command))
-        timeout.start()
-        try:
-            yield
-        finally:
-            timeout.close()
+    def _deadline(self, seconds: float | None, command: bytes) -> _Deadline:
+        """A context manager bounding one step to *seconds* (``None``: no
+        bound); when it passes, :class:`_StepTimeout` is raised in the step."""
+        return self._deadlines.arm(seconds, command)
 
     def _require(self) -> Client:
         if self.client is None:
@@ -231,6 +271,7 @@ class SmtpRelayClient(RelayPoolClient):
         client = self.client
         self.client = None
         if client is None:
+            self._deadlines.close()
             return
         try:
             if not self._broken:
@@ -240,6 +281,7 @@ class SmtpRelayClient(RelayPoolClient):
             pass
         finally:
             client.io.close()
+            self._deadlines.close()
 
     # --------------------------------------------------------------- delivery
     def _prepare(self, client: Client, envelope: Envelope) -> tuple[bytes, bytes, str | None, bool]:
