@@ -95,6 +95,20 @@ def test_edge_stores_the_ptr_name(
     assert seen == ["client.example.test"]
 
 
+def test_edge_asks_once_for_a_repeated_client(
+    dns_server: DnsServer,
+    make_edge: EdgeFactory,
+    smtp: Callable[..., smtplib.SMTP],
+    reply_is: Callable[..., bool],
+) -> None:
+    dns_server.set(LOCALHOST_PTR, "PTR", [(300, "client.example.test.")])
+    _, port, queue = make_edge()
+    for _ in range(3):
+        assert reply_is(send_message(smtp, port), QUEUED)
+    assert [e.client["host"] for e in queue.envelopes] == ["client.example.test"] * 3
+    assert dns_server.count(LOCALHOST_PTR, "PTR") == 1
+
+
 def test_edge_without_ptr_record(
     dns_server: DnsServer,
     make_edge: EdgeFactory,

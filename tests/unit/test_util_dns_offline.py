@@ -397,6 +397,31 @@ def test_resolver_query_cached_uses_its_cache(monkeypatch: pytest.MonkeyPatch) -
     assert get(ar) == MX
 
 
+def test_cache_peek_answers_only_from_the_cache(
+    cache: DNSCache, queries: FakeQueries, clock: FakeClock
+) -> None:
+    assert cache.peek("example.test", "MX") is None
+    assert queries.sent == []  # peeking never looks up
+    first = cache.query("example.test", "MX")
+    queries.answer(MX)
+    get(first)
+    settle()
+    peeked = cache.peek("EXAMPLE.test.", pycares.QUERY_TYPE_MX)
+    assert peeked == MX
+    assert isinstance(peeked, list)
+    peeked.clear()  # a fresh list: the cache keeps its own
+    assert cache.peek("example.test", "MX") == MX
+    gone = cache.query("gone.test", "A")
+    queries.answer(DNSError(ENOTFOUND))
+    with pytest.raises(DNSError):
+        get(gone)
+    settle()
+    assert cache.peek("gone.test", "A") == ENOTFOUND
+    clock.now += 121
+    assert cache.peek("example.test", "MX") is None
+    assert cache.hits == 3
+
+
 # PtrLookup ---------------------------------------------------------------------
 
 
@@ -412,6 +437,20 @@ def started(ip: str) -> PtrLookup:
     lookup.start()
     gevent.sleep(0)
     return lookup
+
+
+def test_ptr_cached_needs_no_lookup(ptr_queries: FakeQueries) -> None:
+    assert PtrLookup.cached("192.0.2.1") == (False, None)
+    assert PtrLookup.cached("not an address") == (True, None)
+    lookup = started("192.0.2.1")
+    ptr_queries.answer([PtrRecord("host.test", 60)])
+    assert lookup.finish(runtime=2.0) == "host.test"
+    assert PtrLookup.cached("192.0.2.1") == (True, "host.test")
+    other = started("192.0.2.2")
+    ptr_queries.answer(DNSError(ENOTFOUND))
+    assert other.finish(runtime=2.0) is None
+    assert PtrLookup.cached("192.0.2.2") == (True, None)
+    assert len(ptr_queries.sent) == 2
 
 
 def test_ptr_lookup_finds_the_name(ptr_queries: FakeQueries) -> None:

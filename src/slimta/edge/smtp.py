@@ -105,6 +105,11 @@ class SmtpSession:
         ip = self.address[0] if self.address else None
         if not ip:
             return
+        known, hostname = PtrLookup.cached(ip)
+        if known:
+            # A repeated client: no greenlet, no wait.
+            self.reverse_address = hostname
+            return
         lookup = self._ptr_lookup = PtrLookup(ip)
         self._ptr_runtime = runtime
         lookup.rawlink(self._ptr_found)

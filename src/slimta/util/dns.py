@@ -807,6 +807,20 @@ class DNSCache:
         self._waiting: dict[tuple[str, int], list[AsyncResult]] = {}
         self._generation = 0
 
+    def peek(self, name: str, query_type: int | str) -> list[Any] | int | None:
+        """The answer kept for *name*, without a lookup and without waiting.
+
+        :returns: a new list of records; the errno (``ARES_ENOTFOUND`` or
+            ``ARES_ENODATA``) of a negative answer kept; or ``None`` when
+            nothing fresh is kept (then :meth:`query` looks it up).
+        """
+        entry = self._entries.get((name.rstrip(".").lower(), _query_type(query_type)))
+        if entry is None or self.clock() >= entry[0]:
+            return None
+        self.hits += 1
+        value = entry[1]
+        return list(value) if isinstance(value, list) else value
+
     def query(self, name: str, query_type: int | str) -> AsyncResult:
         """Answer from the cache, or look *name* up once for every caller.
 
