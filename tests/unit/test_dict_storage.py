@@ -123,3 +123,37 @@ def test_operations_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert lines[0][3] == {"sender": "s@x.test", "recipients": ["r@x.test"]}
     assert lines[1][3] == {"attempts": 1}
     assert lines[2][3] == {"delivered_indexes": [0]}
+
+
+def test_plain_envelopes_are_copied_like_pickles() -> None:
+    storage = DictStorage()
+    envelope = make_envelope()
+    envelope.client = {"ip": "192.0.2.1", "host": None, "name": "client.test"}
+    envelope.receiver = "mx.test"
+    id = storage.write(envelope, 1.0)
+    envelope.recipients.append("late@example.test")
+    envelope.client["ip"] = "changed"
+    got, _ = storage.get(id)
+    assert got is not envelope
+    assert got.recipients == make_envelope().recipients
+    assert got.client == {"ip": "192.0.2.1", "host": None, "name": "client.test"}
+    assert got.flatten() == envelope.flatten()
+    got.recipients.clear()
+    got.client.clear()
+    again, _ = storage.get(id)
+    assert again.recipients == make_envelope().recipients
+    assert again.client["name"] == "client.test"
+
+
+def test_parsed_headers_and_nested_values_are_deep_copied() -> None:
+    storage = DictStorage()
+    envelope = make_envelope()
+    envelope.client = {"auth": ("alice", None)}
+    envelope.headers["X-Mark"] = "1"  # parses the header block
+    id = storage.write(envelope, 1.0)
+    del envelope.headers["X-Mark"]
+    got, _ = storage.get(id)
+    assert got.headers["X-Mark"] == "1"
+    assert got.client == {"auth": ("alice", None)}
+    got.headers["X-Other"] = "2"
+    assert "X-Other" not in storage.get(id)[0].headers

@@ -97,7 +97,6 @@ import os
 import pickle
 import re
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -130,6 +129,7 @@ from slimta.diskstorage._spool import (
 from slimta.envelope import Envelope
 from slimta.logging import getQueueStorageLogger, logline
 from slimta.queue import QueueError, QueueStorage
+from slimta.util.ids import uuid4_hex
 
 __all__ = ["DiskStorage"]
 
@@ -309,7 +309,7 @@ class DiskStorage(QueueStorage):
         """
         timestamp = float(timestamp)
         payload = encode_envelope(timestamp, pickle.dumps(envelope, pickle.HIGHEST_PROTOCOL))
-        id = uuid.uuid4().hex
+        id = uuid4_hex()
         meta = Meta(timestamp, 0, _NONE_DELIVERED)
         self._check(self._commit(NewMessage(id, payload)), "storing message", id)
         self._meta[id] = meta

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from slimta.relay import Relay, RelayError, TransientRelayError
+from slimta.util.ids import uuid4_hex
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -46,7 +46,7 @@ class ProxyQueue:
         error = _all_failed(envelope, results)
         if error is not None:
             return [(envelope, error)]
-        return [(envelope, uuid.uuid4().hex)]
+        return [(envelope, uuid4_hex())]
 
     def start(self) -> None:
         """Nothing to start."""

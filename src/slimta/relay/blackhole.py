@@ -5,11 +5,11 @@ Useful for tests and benchmarks of the receiving side.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 from slimta.relay import Relay
 from slimta.smtp.reply import Reply
+from slimta.util.ids import uuid4_hex
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -32,4 +32,4 @@ class BlackholeRelay(Relay):
 
         :returns: ``250 2.0.0 Message Delivered; <random hex id>``.
         """
-        return Reply("250", f"2.0.0 Message Delivered; {uuid.uuid4().hex}")
+        return Reply("250", f"2.0.0 Message Delivered; {uuid4_hex()}")
