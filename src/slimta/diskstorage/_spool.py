@@ -299,14 +299,8 @@ class Spool:
         for name in os.listdir(self.tmp_dir):
             if not (name.startswith(self._tmp_prefix) and name.endswith(_SPARE_SUFFIX)):
                 continue
-            path = os.path.join(self.tmp_dir, name)
             with contextlib.suppress(OSError):
-                if len(self._spares) < MAX_SPARES:
-                    spare = self._spare_path()
-                    os.rename(path, spare)
-                    self._spares.append(spare)
-                else:
-                    os.unlink(path)
+                self._retire(os.path.join(self.tmp_dir, name))
 
     def _retire(self, path: str) -> None:
         """Take away a removed message's file: make it a spare, or unlink it.
