@@ -1,18 +1,30 @@
 #!/usr/bin/env python3
-"""A receiving MTA: accept mail over SMTP and spool each message to a file.
+"""A small MTA: accept mail over SMTP, queue it on disk, deliver it.
 
 Run it from the repository root after ``pip install -e .``::
 
     .venv/bin/python examples/slimta-receive.py [--host 127.0.0.1] [--port 2525]
-        [--spool ./spool] [--hostname mx.example.org] [--domain example.org ...]
+        [--spool ./spool] [--mailbox ./mail | --smarthost HOST[:PORT] | --mx]
+        [--hostname mx.example.org] [--domain example.org ...]
 
 then send it a message, e.g. with ``swaks --server 127.0.0.1:2525 --to you@example.org``.
-Each accepted message becomes ``<spool>/<id>.eml``, where ``<id>`` is the queue
-id named in the ``250`` reply. SIGINT (Ctrl-C) or SIGTERM stops it gracefully.
+
+Every accepted message is first stored durably in the disk queue
+(:class:`slimta.diskstorage.DiskStorage` under ``--spool``): the ``250``
+reply, which names the queue id, is sent only once it is on disk. The queue
+then delivers it, retrying with backoff and bouncing what fails for good:
+
+* by default, into ``--mailbox``: one ``<id>.eml`` file per delivered
+  message, with ``Return-Path`` and ``Delivered-To`` headers (a local
+  mailbox, handy for trying things out);
+* with ``--smarthost``, to that SMTP server (opportunistic STARTTLS);
+* with ``--mx``, straight to each recipient domain's MX hosts on port 25.
+
+Messages still queued when it stops are delivered after the next start.
+SIGINT (Ctrl-C) or SIGTERM stops it gracefully.
 
 This stands in for the ``slimta`` command until that exists. It uses the 4.0
-API as 4.0 scripts do; ``SpoolQueue`` plays the part of
-:class:`slimta.queue.Queue`, which arrives in a later release.
+API the way 4.0 scripts do.
 """
 
 # gevent must patch the standard library before anything else imports it.
@@ -25,74 +37,57 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import uuid
 
 import gevent
 
-from slimta.core import SlimtaError
+from slimta.diskstorage import DiskStorage
 from slimta.edge.smtp import SmtpEdge, SmtpValidators
 from slimta.envelope import Envelope
+from slimta.queue import Queue
+from slimta.relay import Relay, TransientRelayError
+from slimta.relay.smtp.mx import MxSmtpRelay
+from slimta.relay.smtp.static import StaticSmtpRelay
 from slimta.smtp.reply import Reply
 
 log = logging.getLogger("slimta-receive")
 
 
-class SpoolError(SlimtaError):
-    """Enqueueing failed; the edge sends :attr:`reply` to the client."""
+class MailboxRelay(Relay):
+    """Delivers each message into a directory, one ``<id>.eml`` file each.
 
-    def __init__(self) -> None:
-        super().__init__("Error queuing message")
-        self.reply = Reply("451", "4.3.0 Error queuing message")
-
-
-class SpoolQueue:
-    """A queue-like object: anything with ``enqueue(envelope)`` can serve an edge.
-
-    Each message is written durably before the client is told ``250``: to a
-    temporary file in the spool directory, flushed and fsynced, renamed to
-    ``<id>.eml`` (atomic within one file system), then the directory is
-    fsynced so that the rename survives a crash.
+    The file is fsynced and renamed into place before the queue is told the
+    message is delivered, so a crash never loses it.
     """
 
     def __init__(self, directory: str) -> None:
+        super().__init__()
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
 
-    def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, str | SpoolError]]:
-        """Spool *envelope*; return ``[(envelope, id)]``, or an error in place of the id."""
-        queue_id = uuid.uuid4().hex
+    def attempt(self, envelope: Envelope, attempts: int) -> Reply:
+        name = uuid.uuid4().hex
         trace = f"Return-Path: <{envelope.sender}>\r\n"
-        trace += f"X-Envelope-To: {', '.join(envelope.recipients)}\r\n"
+        trace += "".join(f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.recipients)
         data = trace.encode("utf-8") + b"".join(envelope.flatten())
         try:
-            # fsync blocks; run it in gevent's thread pool so that the other
-            # sessions go on meanwhile.
-            gevent.get_hub().threadpool.apply(self._write, (queue_id, data))
-        except OSError:
-            log.exception("could not spool a message from <%s>", envelope.sender)
-            # The edge answers with the error's reply instead of 250; the
-            # client keeps the message and tries again later.
-            return [(envelope, SpoolError())]
-        log.info(
-            "queued %s from <%s> for %d recipient(s)",
-            queue_id,
-            envelope.sender,
-            len(envelope.recipients),
-        )
-        return [(envelope, queue_id)]
+            # The writes block: gevent's thread pool keeps the sessions going.
+            gevent.get_hub().threadpool.apply(self._write, (name, data))
+        except OSError as exc:
+            # Transient: the queue keeps the message and tries again later.
+            raise TransientRelayError(
+                f"Cannot write to the mailbox: {exc}", Reply("450", "4.3.0 Mailbox unavailable")
+            ) from exc
+        log.info("delivered to %s", os.path.join(self.directory, name + ".eml"))
+        return Reply("250", f"2.0.0 Delivered as {name}")
 
-    def _write(self, queue_id: str, data: bytes) -> None:
-        fd, tmp_path = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                tmp.write(data)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.rename(tmp_path, os.path.join(self.directory, queue_id + ".eml"))
-        except BaseException:
-            os.unlink(tmp_path)
-            raise
+    def _write(self, name: str, data: bytes) -> None:
+        tmp = os.path.join(self.directory, f".{name}.tmp")
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.rename(tmp, os.path.join(self.directory, name + ".eml"))
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -114,11 +109,28 @@ class Validators(SmtpValidators):
             reply.message = f"5.7.1 Recipient <{recipient}> Not allowed"
 
 
+def build_relay(args: argparse.Namespace) -> tuple[Relay, str]:
+    """The relay the options ask for, and a description for the log."""
+    if args.smarthost:
+        host, colon, port = args.smarthost.rpartition(":")
+        if not colon:
+            host, port = args.smarthost, "25"
+        relay = StaticSmtpRelay(host, int(port), pool_size=20, idle_timeout=10.0)
+        return relay, f"smarthost {host}:{port}"
+    if args.mx:
+        return MxSmtpRelay(idle_timeout=10.0), "MX hosts (port 25)"
+    return MailboxRelay(args.mailbox), f"mailbox {os.path.abspath(args.mailbox)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=2525, help="port to listen on (0: any)")
-    parser.add_argument("--spool", default="spool", help="directory for received messages")
+    parser.add_argument("--spool", default="spool", help="directory of the disk queue")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--mailbox", default="mail", help="deliver into this directory (default)")
+    where.add_argument("--smarthost", help="deliver to this SMTP server, HOST[:PORT]")
+    where.add_argument("--mx", action="store_true", help="deliver to the recipients' MX hosts")
     parser.add_argument("--hostname", help="name in the greeting (default: this host's FQDN)")
     parser.add_argument(
         "--domain",
@@ -130,7 +142,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     Validators.domains = frozenset(domain.lower() for domain in args.domain)
-    queue = SpoolQueue(args.spool)
+    spool = os.path.abspath(args.spool)
+    store = DiskStorage(os.path.join(spool, "env"), os.path.join(spool, "meta"))
+    relay, destination = build_relay(args)
+    queue = Queue(store, relay)
+    queue.start()
     # Bind here rather than passing (host, port), so that an address in use
     # fails at once and the log shows the real port when --port is 0.
     listener = socket.create_server((args.host, args.port))
@@ -148,8 +164,16 @@ def main() -> None:
         gevent.signal_handler(signum, edge.stop, 10.0)
     edge.start()
     host, port = listener.getsockname()[:2]
-    log.info("listening on %s:%d as %s, spooling to %s", host, port, edge.hostname, queue.directory)
+    log.info(
+        "listening on %s:%d as %s, queue in %s, delivering to %s",
+        host,
+        port,
+        edge.hostname,
+        spool,
+        destination,
+    )
     edge.join()
+    queue.kill()
     log.info("stopped")
 
 
