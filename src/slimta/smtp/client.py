@@ -29,7 +29,7 @@ from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.datasender import DataSender
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE
+from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket
 from slimta.smtp.reply import Reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
@@ -75,19 +75,12 @@ class Client:
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
 
     def _raw(self) -> Any:
-        """The non-blocking socket inside :attr:`io`'s plain gevent socket.
-
-        Reading and writing it directly, and going through gevent only when
-        it would block, saves gevent's per-call overhead (a ``getsockopt``
-        per ``sendall``, a wait object per ``recv``) on every command.
-        ``None`` for TLS or foreign sockets.
-        """
+        """:func:`~slimta.smtp.io.inner_socket` of :attr:`io`'s socket, which
+        STARTTLS replaces."""
         sock = self.io.socket
         if sock is not self._raw_for:
             self._raw_for = sock
-            raw = getattr(sock, "_sock", None)
-            usable = raw is not None and hasattr(sock, "_wait")
-            self._raw_sock = raw if usable and not isinstance(sock, ssl.SSLSocket) else None
+            self._raw_sock = inner_socket(sock)
         return self._raw_sock
 
     # ------------------------------------------------------------ attributes

@@ -29,6 +29,20 @@ _UNWRAP_TIMEOUT = 1.0
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
 
 
+def inner_socket(sock: Any) -> Any:
+    """The non-blocking socket inside a plain gevent socket, else ``None``.
+
+    Reading and writing it directly, and waiting through gevent only when it
+    would block, saves gevent's per-call costs (a ``getsockopt`` per
+    ``sendall``, a wait object per ``recv``). TLS and foreign sockets have
+    none: they go through their own methods.
+    """
+    raw = getattr(sock, "_sock", None)
+    if raw is None or not hasattr(sock, "_wait") or isinstance(sock, ssl.SSLSocket):
+        return None
+    return raw
+
+
 class IO:
     """Buffered I/O over a connected socket.
 

@@ -28,7 +28,7 @@ from slimta.smtp._server import ServerConnection
 from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import IO, RECV_SIZE
+from slimta.smtp.io import IO, RECV_SIZE, inner_socket
 from slimta.smtp.reply import Reply
 
 __all__ = ["Server"]
@@ -327,14 +327,13 @@ class Server:
     # --------------------------------------------------------------- helpers
     def _use_socket(self) -> None:
         sock = self.io.socket
-        raw = getattr(sock, "_sock", None)
-        wait = getattr(sock, "_wait", None)
-        read_event = getattr(sock, "_read_event", None)
+        raw = inner_socket(sock)
         # A plain gevent socket is read and written through its inner socket
         # and waited on with the session's own timers, which costs far less
         # per command than gevent's per-wait Timeout objects. Anything else
         # (TLS, a foreign socket) goes through its own methods.
-        if raw is not None and wait is not None and not isinstance(sock, ssl.SSLSocket):
+        if raw is not None:
+            wait, read_event = sock._wait, sock._read_event
             self._raw_sock = raw
             self._wait_readable = lambda: wait(read_event)
             sock.settimeout(None)
