@@ -95,8 +95,12 @@ class _Deadline:
             if timeout is not None:
                 timeout.close()
             timeout = self._timeout = gevent.Timeout(seconds, self._error)
-        self._error.command = command
-        self._error.args = (command,)
+        error = self._error
+        error.command = command
+        error.args = (command,)
+        # A reused exception keeps its last traceback, and with it the frames
+        # of the step that timed out, until it is raised again.
+        error.__traceback__ = None
         timeout.start()
 
     def __exit__(self, *exc_info: object) -> None:
