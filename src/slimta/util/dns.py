@@ -75,6 +75,7 @@ hub of the thread that first uses it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import time
@@ -451,12 +452,16 @@ def _records(result: Any, query_type: int) -> list[Any]:
     return records
 
 
+@functools.lru_cache(maxsize=4096)
 def reverse_name(ip: str) -> str:
     """The PTR query name of an IP address, without a trailing dot.
 
     ``'192.0.2.1'`` gives ``'1.2.0.192.in-addr.arpa'``; IPv6 addresses give
     their ``ip6.arpa`` name, and IPv4-mapped ones (``::ffff:192.0.2.1``) the
     IPv4 name. A zone index (``fe80::1%eth0``) is ignored.
+
+    Answers are remembered (4096 addresses): the edge asks for every
+    connection, mostly from the same clients.
 
     :raises ValueError: *ip* is not an IP address.
     """
