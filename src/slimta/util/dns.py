@@ -10,8 +10,7 @@ edge) goes through :class:`DNSResolver`::
     except DNSError as exc:
         if exc.errno == pycares.errno.ARES_ENOTFOUND:  # NXDOMAIN
             ...
-    for rec in sorted(records, key=lambda r: r.priority):
-        print(rec.priority, rec.host, rec.ttl)
+    hosts = [rec.host for rec in sorted(records, key=lambda r: r.priority)]
 
 :meth:`DNSResolver.query` returns a :class:`gevent.event.AsyncResult` whose
 value is a list of records carrying the attribute names of python-slimta 4.0
