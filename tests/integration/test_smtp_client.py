@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -170,3 +171,52 @@ def test_lmtp_client_has_no_ehlo(edge: Any, connect: Callable[..., Client]) -> N
         client.ehlo("x")
     with pytest.raises(NotImplementedError):
         client.helo("x")
+
+
+@pytest.fixture
+def mute_server() -> Any:
+    """A listener that accepts connections and never reads or writes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted: list[socket.socket] = []
+
+    def accept() -> int:
+        return listener.getsockname()[1]
+
+    yield accept, accepted, listener
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_deadline_bounds_a_read(mute_server: Any, connect: Callable[..., Client]) -> None:
+    port_of, accepted, listener = mute_server
+    client = connect(port_of())
+    accepted.append(listener.accept()[0])
+    client.deadline = time.monotonic() + 0.3
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.get_banner()
+    assert 0.2 < time.monotonic() - start < 3
+
+
+def test_deadline_bounds_a_write(mute_server: Any, connect: Callable[..., Client]) -> None:
+    port_of, accepted, listener = mute_server
+    client = connect(port_of())
+    accepted.append(listener.accept()[0])
+    client.deadline = time.monotonic() + 0.3
+    # Far more than the socket buffers take while the server reads nothing.
+    body = (b"x" * 70 + b"\r\n") * ((64 << 20) // 72)
+    with pytest.raises(TimeoutError) as info:
+        client.send_data(b"Subject: big\r\n\r\n", body)
+    assert any(entry.name == "_send_now" for entry in info.traceback)
+
+
+def test_deadline_passed_raises_at_once(mute_server: Any, connect: Callable[..., Client]) -> None:
+    port_of, accepted, listener = mute_server
+    client = connect(port_of())
+    accepted.append(listener.accept()[0])
+    client.deadline = time.monotonic() - 1
+    with pytest.raises(TimeoutError):
+        client.get_banner()

@@ -201,6 +201,30 @@ def test_starttls_handshake_failure_is_transient(
     assert not queue.envelopes
 
 
+def test_reply_timeout_under_tls(
+    make_edge: Any,
+    relays: Any,
+    server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    release = gevent.event.Event()
+
+    class Stalling(SmtpValidators):
+        def handle_rcpt(self, reply: Reply, recipient: str, params: Any) -> None:
+            release.wait(10)
+
+    _, port, _ = make_edge(validator_class=Stalling, context=server_context)
+    start = time.monotonic()
+    try:
+        with pytest.raises(SmtpTransientRelayError) as info:
+            relays(port, context=client_context, command_timeout=0.5).attempt(message(), 0)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 3
+    # MAIL, RCPT and DATA went pipelined: their replies are read in the DATA step.
+    assert is_(info.value.reply, TIMED_OUT) and info.value.reply.command == b"DATA"
+
+
 def test_tls_required_without_starttls(make_edge: Any, relays: Any) -> None:
     _, port, queue = make_edge()
     with pytest.raises(SmtpPermanentRelayError) as info:
@@ -305,6 +329,9 @@ class Scripted:
             if in_data:
                 if line == b".\r\n":
                     in_data = False
+                    if self.replies["dot"] == b"SILENT":
+                        self._silent(file)
+                        return
                     conn.sendall(self.replies["dot"])
                 continue
             self.commands.append(line)
@@ -312,11 +339,19 @@ class Scripted:
             reply = self.replies.get(verb, b"500 5.5.2 unknown\r\n")
             if reply == b"CLOSE":
                 return
+            if reply == b"SILENT":
+                self._silent(file)
+                return
             conn.sendall(reply)
             if verb == "data" and reply.startswith(b"354"):
                 in_data = True
             if verb == "quit":
                 return
+
+    def _silent(self, file: Any) -> None:
+        # Never answer again: read (and record) until the client gives up.
+        while line := file.readline():
+            self.commands.append(line)
 
     def close(self) -> None:
         self.greenlet.kill()
@@ -390,6 +425,48 @@ def test_banner_timeout(relays: Any, scripted: Any) -> None:
         relays(server.port, command_timeout=0.5).attempt(message(), 0)
     assert time.monotonic() - start < 3
     assert is_(info.value.reply, TIMED_OUT) and info.value.reply.command == b"[BANNER]"
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "silent", "step"),
+    [
+        # Pipelined, the replies to MAIL, RCPT and DATA are read in the DATA step.
+        (b"250-mx.test\r\n250 PIPELINING\r\n", "mail", b"DATA"),
+        (b"250 mx.test\r\n", "mail", b"MAIL"),
+        (b"250 mx.test\r\n", "rcpt", b"RCPT"),
+        (b"250 mx.test\r\n", "data", b"DATA"),
+    ],
+)
+def test_command_reply_timeout(
+    relays: Any, scripted: Any, ehlo: bytes, silent: str, step: bytes
+) -> None:
+    server = scripted(ehlo=ehlo, **{silent: b"SILENT"})
+    start = time.monotonic()
+    with pytest.raises(SmtpTransientRelayError) as info:
+        relays(server.port, command_timeout=0.5).attempt(message(), 0)
+    assert 0.4 < time.monotonic() - start < 3
+    assert is_(info.value.reply, TIMED_OUT) and info.value.reply.command == step
+
+
+def test_data_reply_timeout_uses_data_timeout(relays: Any, scripted: Any) -> None:
+    server = scripted(dot=b"SILENT")
+    start = time.monotonic()
+    with pytest.raises(SmtpTransientRelayError) as info:
+        relays(server.port, command_timeout=5.0, data_timeout=0.5).attempt(message(), 0)
+    assert time.monotonic() - start < 3
+    assert is_(info.value.reply, TIMED_OUT) and info.value.reply.command == b"[SEND_DATA]"
+
+
+def test_timeout_ends_the_connection(relays: Any, scripted: Any) -> None:
+    # After a timeout the session is unusable: the next message gets a new
+    # connection instead of reading the late reply as its own.
+    server = scripted(ehlo=b"250 mx.test\r\n", rcpt=b"SILENT")
+    relay = relays(server.port, command_timeout=0.3, idle_timeout=5.0)
+    with pytest.raises(SmtpTransientRelayError):
+        relay.attempt(message(), 0)
+    server.replies["rcpt"] = b"250 2.1.5 Ok\r\n"
+    assert is_(relay.attempt(message(), 0)["rcpt@example.com"], ("250", "2.0.0"))
+    assert server.connections == 2
 
 
 def test_connect_timeout(relays: Any) -> None:

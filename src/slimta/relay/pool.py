@@ -41,20 +41,36 @@ class RelayPoolClient(gevent.Greenlet):  # type: ignore[misc]
         self.idle_timeout = idle_timeout
         #: True while waiting in :meth:`poll`.
         self.idle = False
+        #: Whether the last :meth:`poll` had to wait for its request.
+        self.waited = False
+        self._idle_timer: gevent.Timeout | None = None
 
     def poll(self) -> tuple[AsyncResult | None, Envelope | None]:
         """The next request, or ``(None, None)`` after :attr:`idle_timeout`."""
-        timeout = gevent.Timeout(self.idle_timeout)
+        queue = self.queue
+        if queue:
+            # Taken at once: no timer to arm, and the client was never idle.
+            self.waited = False
+            result, envelope = queue.popleft()
+            return result, envelope
+        self.waited = True
+        timeout = self._idle_timer
+        if timeout is None or timeout.seconds != self.idle_timeout:
+            if timeout is not None:
+                timeout.close()
+            # One timer per client, restarted by every poll that waits.
+            timeout = self._idle_timer = gevent.Timeout(self.idle_timeout)
+        timeout.__traceback__ = None
         self.idle = True
         timeout.start()
         try:
-            result, envelope = self.queue.popleft()
+            result, envelope = queue.popleft()
         except gevent.Timeout as exc:
             if exc is not timeout:
                 raise
             return None, None
         finally:
-            timeout.close()
+            timeout.cancel()
             self.idle = False
         return result, envelope
 
@@ -86,9 +102,11 @@ class RelayPool(Relay):
     def _start_clients(self) -> None:
         # One client per waiting request that no idle client will take. A new
         # client counts as idle from the start: it polls before anything else.
-        while len(self.queue) > self._idle_clients() and (
-            self.pool_size is None or len(self.pool) < self.pool_size
-        ):
+        # The size test comes first: a full pool (the usual case under load)
+        # needs no count of its idle clients.
+        while (self.pool_size is None or len(self.pool) < self.pool_size) and len(
+            self.queue
+        ) > self._idle_clients():
             client = self.add_client()
             client.idle = True
             client.link(self._client_ended)

@@ -106,18 +106,22 @@ class ReplyParser:
             match = _REPLY_LINE.match(line)
             if match is None or end > MAX_REPLY_LINE:
                 raise ReplySyntaxError(line)
-            code = match.group(1)
-            if self._code is not None and code != self._code:
-                raise ReplySyntaxError(line)
+            code, separator = match.groups()
             try:
                 text = line[4:].decode("utf-8")
             except UnicodeDecodeError:
                 raise ReplySyntaxError(line) from None
+            if self._code is None:
+                if separator != b"-":
+                    # A whole reply in one line: the usual case.
+                    return ParsedReply(code.decode("ascii"), text, (text,))
+            elif code != self._code:
+                raise ReplySyntaxError(line)
             self._code = code
             self._lines.append(text)
             if len(self._lines) > MAX_REPLY_LINES:
                 raise ReplySyntaxError(line)
-            if match.group(2) != b"-":
+            if separator != b"-":
                 lines = tuple(self._lines)
                 self._lines = []
                 self._code = None

@@ -3,14 +3,16 @@
 :class:`Client` is a thin adapter over the sans-IO
 :class:`~slimta.smtp._client.ClientConnection`: it writes the bytes the core
 produces, reads until the core has the replies it waits for, and does the
-TLS wrapping. It sets no timeouts: callers bound each call with a
-:class:`gevent.Timeout` of their own (as the SMTP relay does).
+TLS wrapping. Reads and writes are bounded by :attr:`Client.deadline` when
+it is set; otherwise callers bound each call with a :class:`gevent.Timeout`
+of their own.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from typing import Any
 
 import gevent.monkey
@@ -29,7 +31,7 @@ from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.datasender import DataSender
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket
+from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket, wait_event
 from slimta.smtp.reply import Reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
@@ -73,6 +75,11 @@ class Client:
         self._raw_for: Any = None
         self._raw_sock: Any = None
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
+        #: A :func:`time.monotonic` time by which every read and write must
+        #: be done, else it raises :class:`TimeoutError`; ``None`` for no
+        #: bound (a caller's :class:`gevent.Timeout` may bound it instead).
+        #: Set it before each command, as the SMTP relay does.
+        self.deadline: float | None = None
 
     def _raw(self) -> Any:
         """:func:`~slimta.smtp.io.inner_socket` of :attr:`io`'s socket, which
@@ -95,15 +102,15 @@ class Client:
 
     # ------------------------------------------------------------------ core
     def _fill(self, reply: Reply, parsed: ParsedReply) -> None:
+        # The parser checked the code's three digits: set it past the check.
+        reply._code = code = parsed.code
         if reply.command in _NO_ESC:
-            reply.code = parsed.code
             reply.enhanced_status_code = False
             reply.raw_message = parsed.message
         else:
-            reply.code = parsed.code
             reply.message = parsed.message
         reply.address = self.io.address
-        if reply.is_error():
+        if code[0] in "45":
             self.last_error = reply
 
     def _read_one(self) -> ParsedReply:
@@ -115,24 +122,40 @@ class Client:
                 raise BadReply(exc.data) from None
             if got is not None:
                 return got[1]
-            raw = self._raw()
-            if raw is not None:
-                try:
-                    data = raw.recv(RECV_SIZE)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if exc.errno in _RESET_ERRNOS:
-                        raise ConnectionLost() from exc
-                    raise
-                else:
-                    if not data:
-                        raise ConnectionLost()
-                    if self._log_io:
-                        log.recv(raw, data)
-                    conn.receive_data(data)
-                    continue
-            conn.receive_data(self.io.raw_recv())
+            conn.receive_data(self._recv())
+
+    def _remaining(self) -> float | None:
+        deadline = self.deadline
+        return None if deadline is None else deadline - time.monotonic()
+
+    def _bound_wrapped(self) -> None:
+        # A TLS or foreign socket waits by its own timeout.
+        remaining = self._remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError("timed out")
+        self.io.socket.settimeout(remaining)
+
+    def _recv(self) -> bytes:
+        raw = self._raw()
+        if raw is None:
+            self._bound_wrapped()
+            return self.io.raw_recv()
+        while True:
+            try:
+                data: bytes = raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                sock = self.io.socket
+                wait_event(sock, sock._read_event, self._remaining())
+                continue
+            except OSError as exc:
+                if exc.errno in _RESET_ERRNOS:
+                    raise ConnectionLost() from exc
+                raise
+            if not data:
+                raise ConnectionLost()
+            if self._log_io:
+                log.recv(raw, data)
+            return data
 
     def flush_pipeline(self) -> None:
         """Send every queued command, then read every reply waiting.
@@ -171,9 +194,14 @@ class Client:
 
     def _send_now(self, data: bytes) -> None:
         raw = self._raw()
-        if raw is not None:
+        if raw is None:
+            self._bound_wrapped()
+            self.io.raw_send(data)
+            return
+        view: bytes | memoryview = data
+        while True:
             try:
-                sent = raw.send(data)
+                sent = raw.send(view)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
@@ -181,11 +209,14 @@ class Client:
                     raise ConnectionLost() from exc
                 raise
             if self._log_io and sent:
-                log.send(raw, data[:sent])
-            if sent == len(data):
+                log.send(raw, bytes(view[:sent]))
+            if sent == len(view):
                 return
-            data = data[sent:]
-        self.io.raw_send(data)
+            if not isinstance(view, memoryview):
+                view = memoryview(view)
+            view = view[sent:]
+            sock = self.io.socket
+            wait_event(sock, sock._write_event, self._remaining())
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:

@@ -13,6 +13,8 @@ import re
 import ssl
 from typing import Any
 
+import gevent
+
 from slimta.logging import getSocketLogger
 from slimta.smtp import BadReply, ConnectionLost
 from slimta.smtp._reply import ReplyParser, ReplySyntaxError, format_reply
@@ -27,6 +29,38 @@ _COMMAND = re.compile(rb"([A-Za-z]+)(?:[ \t]+(.*))?\Z", re.DOTALL)
 #: Seconds to wait for the peer's TLS close_notify when closing.
 _UNWRAP_TIMEOUT = 1.0
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
+
+
+class _WaitExpired(Exception):
+    """Thrown into a greenlet when the timer bounding its wait fires."""
+
+
+def _expire(glet: Any) -> None:
+    glet.throw(_WaitExpired)
+
+
+def wait_event(sock: Any, event: Any, timeout: float | None) -> None:
+    """Wait on one of gevent socket *sock*'s io watchers (``_read_event`` or
+    ``_write_event``) for at most *timeout* seconds (``None``: no bound).
+
+    A libev timer throws into the waiting greenlet, which is cheaper than a
+    :class:`gevent.Timeout` and leaves the socket's own timeout alone.
+
+    :raises TimeoutError: the time ran out.
+    """
+    if timeout is None:
+        sock._wait(event)
+        return
+    if timeout <= 0:
+        raise TimeoutError("timed out")
+    timer = gevent.get_hub().loop.timer(timeout)
+    timer.start(_expire, gevent.getcurrent())
+    try:
+        sock._wait(event)
+    except _WaitExpired:
+        raise TimeoutError("timed out") from None
+    finally:
+        timer.close()
 
 
 def inner_socket(sock: Any) -> Any:

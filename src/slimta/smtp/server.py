@@ -28,7 +28,7 @@ from slimta.smtp._server import ServerConnection
 from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import IO, RECV_SIZE, inner_socket
+from slimta.smtp.io import IO, RECV_SIZE, _expire, _WaitExpired, inner_socket
 from slimta.smtp.reply import Reply
 
 __all__ = ["Server"]
@@ -52,14 +52,6 @@ def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
     reply.address = None
     reply.newline_first = False
     return reply
-
-
-class _WaitExpired(Exception):
-    """Thrown into a session's greenlet when its read timer fires."""
-
-
-def _expire(glet: Any) -> None:
-    glet.throw(_WaitExpired)
 
 
 def _mask_sasl(data: bytes, in_sasl: bool) -> bytes:

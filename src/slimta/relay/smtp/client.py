@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import socket as _socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +62,33 @@ class _StepTimeout(Exception):
         self.command = command
 
 
+#: Steps that only read and write through :class:`Client`, so that the
+#: client's own deadline bounds them; the others (connect, TLS handshakes,
+#: AUTH) run under a :class:`gevent.Timeout`.
+_CLIENT_STEPS = frozenset(
+    {
+        b"[BANNER]",
+        b"EHLO",
+        b"HELO",
+        b"LHLO",
+        b"MAIL",
+        b"RCPT",
+        b"DATA",
+        b"[SEND_DATA]",
+        b"RSET",
+        b"QUIT",
+    }
+)
+
+
 class _Deadline:
     """The deadline of one step of a session, as a reusable context manager.
 
-    One :class:`gevent.Timeout` per client is restarted for every step:
-    building a new one per command cost more than parsing the command's
-    reply. A step begun inside another (not done today) gets its own.
+    Steps that only talk through the client set :attr:`Client.deadline
+    <slimta.smtp.client.Client.deadline>`: a clock reading, with a timer only
+    when a read or write has to wait. The others restart one
+    :class:`gevent.Timeout` per relay client. A step begun inside another
+    (not done today) gets its own.
     """
 
     __slots__ = ("_command", "_error", "_owner", "_seconds", "_timeout")
@@ -86,8 +108,15 @@ class _Deadline:
         return self
 
     def __enter__(self) -> None:
-        self._owner._step = command = self._command
+        owner = self._owner
+        owner._step = command = self._command
         seconds = self._seconds
+        client = owner.client
+        if client is not None:
+            if command in _CLIENT_STEPS:
+                client.deadline = None if seconds is None else time.monotonic() + seconds
+                return
+            client.deadline = None
         if seconds is None:
             return
         timeout = self._timeout
@@ -103,9 +132,12 @@ class _Deadline:
         error.__traceback__ = None
         timeout.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
+        if exc_type is TimeoutError:
+            # The client's deadline passed (or the OS timed the socket out).
+            raise _StepTimeout(self._owner._step) from None
 
     def close(self) -> None:
         if self._timeout is not None:
@@ -411,9 +443,10 @@ class SmtpRelayClient(RelayPoolClient):
                 if self.idle_timeout is None or self._broken:
                     break
                 result, envelope = self.poll()
-                if result is not None and self._idle_connection_gone():
+                if result is not None and self.waited and self._idle_connection_gone():
                     # Step 8: the server spoke (timeout notice or close) while
-                    # we were idle; someone else takes the message.
+                    # we were idle; someone else takes the message. A request
+                    # taken without waiting follows the last reply at once.
                     self.queue.appendleft((result, envelope))
                     self._broken = True
                     break
