@@ -185,8 +185,9 @@ class ReceiveBuffer:
         line_start = self._line_start
         if line_start and raw.startswith(b"."):
             raw = raw[1:]
-        if b"\r\n." in raw:
-            raw = raw.replace(b"\r\n.", b"\r\n")
+        # No match returns raw itself; "in" on bytes would first try to
+        # read the needle as an int and build a TypeError for it.
+        raw = raw.replace(b"\r\n.", b"\r\n")
         crlf = raw.count(b"\r\n")
         # CRs and LFs outside CRLF pairs, counted in one pass.
         bare = len(raw) - len(raw.translate(None, b"\r\n")) != 2 * crlf

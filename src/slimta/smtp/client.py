@@ -24,12 +24,12 @@ from slimta.smtp._client import (
     ClientConnection,
     bdat_frames,
     choose_mechanism,
+    dot_stuff,
     mail_argument,
     rcpt_argument,
 )
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
-from slimta.smtp.datasender import DataSender
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket, wait_event
 from slimta.smtp.reply import Reply, tls_failure
@@ -42,6 +42,19 @@ log = getSocketLogger("slimta.smtp.io")
 _select = gevent.monkey.get_original("select", "select")
 #: Replies that carry no enhanced status code (RFC 2034 3).
 _NO_ESC = frozenset({b"[BANNER]", b"EHLO", b"HELO", b"LHLO"})
+
+
+def _awaited(command: bytes) -> Reply:
+    """An empty :class:`Reply` for *command*, filled when its reply is read;
+    built without the property setters, which have nothing to check."""
+    reply = Reply.__new__(Reply)
+    reply._code = None
+    reply._esc = None
+    reply._text = None
+    reply.command = command
+    reply.address = None
+    reply.newline_first = False
+    return reply
 
 
 def _to_bytes(value: str | bytes) -> bytes:
@@ -99,6 +112,15 @@ class Client:
     @extensions.setter
     def extensions(self, value: Extensions) -> None:
         self._conn.extensions = value
+
+    @property
+    def pipelining(self) -> bool:
+        """True when the server advertised PIPELINING: MAIL, RCPT and RSET
+        then wait to be sent with the next command that ends the group.
+
+        .. versionadded:: 4.0
+        """
+        return self._conn.pipelining
 
     # ------------------------------------------------------------------ core
     def _fill(self, reply: Reply, parsed: ParsedReply) -> None:
@@ -179,7 +201,7 @@ class Client:
             self._fill(reply, self._read_one())
 
     def _command(self, command: bytes, arg: bytes | None = None, *, flush: bool = False) -> Reply:
-        reply = Reply(command=command)
+        reply = _awaited(command)
         self._conn.send_command(command, arg)
         self.reply_queue.append(reply)
         if flush or self._conn.ends_group(command):
@@ -379,7 +401,7 @@ class Client:
         needs_utf8 = smtputf8 or not address.isascii()
         if needs_utf8 and "SMTPUTF8" not in self.extensions:
             return self._local(b"MAIL", *SMTPUTF8_REQUIRED)
-        size = data_size if "SIZE" in self.extensions else None
+        size = data_size if data_size is not None and "SIZE" in self.extensions else None
         try:
             arg = mail_argument(address, size=size, smtputf8=needs_utf8, body=body)
         except ValueError:
@@ -392,8 +414,9 @@ class Client:
         :returns: the reply; ``553 5.6.7`` without any round trip for a
             non-ASCII address when the server lacks SMTPUTF8.
         """
-        utf8 = "SMTPUTF8" in self.extensions
-        if not address.isascii() and not utf8:
+        # An ASCII address reads the same in UTF-8: no need to look.
+        utf8 = not address.isascii()
+        if utf8 and "SMTPUTF8" not in self.extensions:
             return self._local(b"RCPT", *SMTPUTF8_REQUIRED)
         try:
             arg = rcpt_argument(address, smtputf8=utf8)
@@ -406,10 +429,8 @@ class Client:
         return self._command(b"DATA", flush=True)
 
     def _queue_data(self, chunks: list[bytes], replies: int) -> list[Reply]:
-        for chunk in chunks[:-1]:
-            self._conn.send_data(chunk, replies=0)
-        self._conn.send_data(chunks[-1], replies=replies)
-        out = [Reply(command=b"[SEND_DATA]") for _ in range(replies)]
+        self._conn.send_data(b"".join(chunks), replies=replies)
+        out = [_awaited(b"[SEND_DATA]") for _ in range(replies)]
         self.reply_queue.extend(out)
         self._flush_pipeline()
         return out
@@ -419,7 +440,7 @@ class Client:
 
         :returns: the reply (command ``[SEND_DATA]``).
         """
-        return self._queue_data(list(DataSender(*data)), 1)[0]
+        return self._queue_data(dot_stuff(*data), 1)[0]
 
     def send_empty_data(self) -> Any:
         """Send just the end marker, to close a data phase with no message."""
@@ -498,7 +519,7 @@ class LmtpClient(Client):
             in RCPT order (RFC 2033 4.2).
         """
         accepted = self._accepted()
-        replies = self._queue_data(list(DataSender(*data)), len(accepted))
+        replies = self._queue_data(dot_stuff(*data), len(accepted))
         return list(zip(accepted, replies, strict=True))
 
     def send_empty_data(self) -> list[tuple[str, Reply]]:

@@ -173,7 +173,7 @@ def parse_v1(line: bytes) -> ProxyResult:
     if not line.endswith(b"\r\n"):
         raise ProxyProtocolError("v1 header does not end with CRLF")
     body = line[len(_V1_PREFIX) : -2]
-    if b"\r" in body or b"\n" in body:
+    if body.find(b"\r") != -1 or body.find(b"\n") != -1:
         raise ProxyProtocolError("v1 header contains a bare CR or LF")
     protocol, space, rest = body.partition(b" ")
     if protocol == b"UNKNOWN":

@@ -91,7 +91,7 @@ class _Deadline:
     (not done today) gets its own.
     """
 
-    __slots__ = ("_command", "_error", "_owner", "_seconds", "_timeout")
+    __slots__ = ("_command", "_error", "_owner", "_seconds", "_started", "_timeout")
 
     def __init__(self, owner: SmtpRelayClient) -> None:
         self._owner = owner
@@ -99,6 +99,7 @@ class _Deadline:
         self._command = b""
         self._error = _StepTimeout(b"")
         self._timeout: gevent.Timeout | None = None
+        self._started = False
 
     def arm(self, seconds: float | None, command: bytes) -> _Deadline:
         if self._timeout is not None and self._timeout.pending:
@@ -131,10 +132,13 @@ class _Deadline:
         # of the step that timed out, until it is raised again.
         error.__traceback__ = None
         timeout.start()
+        self._started = True
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        if self._timeout is not None:
-            self._timeout.cancel()
+        if self._started:
+            self._started = False
+            if self._timeout is not None:
+                self._timeout.cancel()
         if exc_type is TimeoutError:
             # The client's deadline passed (or the OS timed the socket out).
             raise _StepTimeout(self._owner._step) from None
@@ -143,10 +147,6 @@ class _Deadline:
         if self._timeout is not None:
             self._timeout.close()
             self._timeout = None
-
-
-def _is_8bit(*parts: bytes) -> bool:
-    return not all(part.isascii() for part in parts)
 
 
 class SmtpRelayClient(RelayPoolClient):
@@ -326,7 +326,7 @@ class SmtpRelayClient(RelayPoolClient):
         header, body = envelope.flatten()
         if needs_binarymime(header, body) and "CHUNKING" in ext and "BINARYMIME" in ext:
             return header, body, "BINARYMIME", True
-        if not _is_8bit(header, body):
+        if header.isascii() and body.isascii():
             return header, body, None, False
         if "8BITMIME" in ext:
             return header, body, "8BITMIME", False
@@ -367,14 +367,25 @@ class SmtpRelayClient(RelayPoolClient):
             # RFC 6531 3.2: no downgrade; refuse without a round trip.
             raise SmtpPermanentRelayError(self._reply(*SMTPUTF8_REQUIRED, b"MAIL"))
         header, body, body_type, bdat = self._prepare(client, envelope)
-        with self._deadline(self.command_timeout, b"MAIL"):
-            mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
-        if mail and mail.is_error():
-            raise SmtpRelayError.factory(mail)
         rcpts: list[tuple[str, Reply]] = []
-        for rcpt in recipients:
-            with self._deadline(self.command_timeout, b"RCPT"):
+        if client.pipelining:
+            # MAIL and RCPT only queue up until DATA sends the group: there
+            # is nothing to wait for, so no deadline to arm.
+            self._step = b"MAIL"
+            mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
+            if mail and mail.is_error():
+                raise SmtpRelayError.factory(mail)
+            self._step = b"RCPT"
+            for rcpt in recipients:
                 rcpts.append((rcpt, client.rcptto(rcpt)))
+        else:
+            with self._deadline(self.command_timeout, b"MAIL"):
+                mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
+            if mail and mail.is_error():
+                raise SmtpRelayError.factory(mail)
+            for rcpt in recipients:
+                with self._deadline(self.command_timeout, b"RCPT"):
+                    rcpts.append((rcpt, client.rcptto(rcpt)))
         if all(reply and reply.is_error() for _, reply in rcpts):
             # Every RCPT already refused (no pipelining): DATA is pointless.
             first = rcpts[0][1] if rcpts else self._reply("554", "5.5.1 No recipients", b"RCPT")
