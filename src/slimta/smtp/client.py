@@ -93,6 +93,7 @@ class Client:
         #: bound (a caller's :class:`gevent.Timeout` may bound it instead).
         #: Set it before each command, as the SMTP relay does.
         self.deadline: float | None = None
+        self._sent = False
 
     def _raw(self) -> Any:
         """:func:`~slimta.smtp.io.inner_socket` of :attr:`io`'s socket, which
@@ -162,6 +163,12 @@ class Client:
         if raw is None:
             self._bound_wrapped()
             return self.io.raw_recv()
+        if self._sent:
+            # The reply to what was just sent cannot be here yet: wait first
+            # rather than make a read that would only fail.
+            self._sent = False
+            sock = self.io.socket
+            wait_event(sock, sock._read_event, self._remaining())
         while True:
             try:
                 data: bytes = raw.recv(RECV_SIZE)
@@ -233,6 +240,7 @@ class Client:
             if self._log_io and sent:
                 log.send(raw, bytes(view[:sent]))
             if sent == len(view):
+                self._sent = True
                 return
             if not isinstance(view, memoryview):
                 view = memoryview(view)

@@ -276,9 +276,11 @@ class Server:
                     gevent.sleep(0)
                 data = None
                 raw = self._raw_sock
-                if raw is not None:
+                if raw is not None and not out:
                     # Fast path: the next command is often here already, and
-                    # then no timeout needs arming.
+                    # then no timeout needs arming. Not right after a reply:
+                    # what comes next is the client's answer to it, which
+                    # cannot be here yet, and a read would only fail.
                     try:
                         data = raw.recv(RECV_SIZE)
                     except BlockingIOError:
@@ -292,7 +294,7 @@ class Server:
                             self._log_recv(raw, data)
                 if data is None:
                     served = 0
-                    data = self._recv(conn, park_after, raw is not None)
+                    data = self._recv(conn, park_after, raw is not None and not out)
                     if data is None:
                         return True
                 conn.receive_data(data)
