@@ -7,6 +7,7 @@ small scripted raw-socket servers for behaviour the others cannot show.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import socket
 import ssl
@@ -634,3 +635,56 @@ def test_sink_silent_disconnect(smtp_sink: Any, relays: Any) -> None:
     with pytest.raises(SmtpTransientRelayError) as info:
         relays(port).attempt(message(), 0)
     assert is_(info.value.reply, CLOSED)
+
+
+# ------------------------------------------------------------ BDAT for size
+def _sent_bdat(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("BDAT " in record.getMessage() for record in caplog.records)
+
+
+def large_message(lines: int) -> Envelope:
+    env = Envelope("a@example.com", ["b@example.com"])
+    # Lines starting with a dot: BDAT must carry them unstuffed.
+    env.parse(b"Subject: big\r\n\r\n" + b".dot line of text\r\n" * lines)
+    return env
+
+
+def test_large_message_goes_as_bdat(
+    make_edge: Any, relays: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="slimta.smtp.io")
+    _, port, queue = make_edge()
+    relays(port, bdat_threshold=1000).attempt(large_message(200), 0)
+    assert queue.envelopes[0].message == b".dot line of text\r\n" * 200
+    assert _sent_bdat(caplog)
+
+
+def test_message_under_the_threshold_goes_as_data(
+    make_edge: Any, relays: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="slimta.smtp.io")
+    _, port, queue = make_edge()
+    relays(port, bdat_threshold=100_000).attempt(large_message(200), 0)
+    assert queue.envelopes[0].message == b".dot line of text\r\n" * 200
+    assert not _sent_bdat(caplog)
+
+
+def test_no_bdat_without_chunking(relays: Any, scripted: Any) -> None:
+    # The scripted server advertises PIPELINING only.
+    server = scripted()
+    relays(server.port, bdat_threshold=10).attempt(large_message(50), 0)
+    assert not any(line.startswith(b"BDAT") for line in server.commands)
+    assert b"DATA\r\n" in server.commands
+
+
+def test_8bit_large_message_as_bdat_says_8bitmime(
+    make_edge: Any, relays: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="slimta.smtp.io")
+    _, port, queue = make_edge()
+    env = Envelope("a@example.com", ["b@example.com"])
+    env.parse(b"Subject: x\r\n\r\n" + "Grüße aus der Ferne\r\n".encode() * 100)
+    relays(port, bdat_threshold=1000).attempt(env, 0)
+    assert queue.envelopes[0].message == "Grüße aus der Ferne\r\n".encode() * 100
+    assert _sent_bdat(caplog)
+    assert any("BODY=8BITMIME" in record.getMessage() for record in caplog.records)

@@ -23,6 +23,8 @@ class LmtpRelayClient(SmtpRelayClient):
     """
 
     _client_class: type[Client] = LmtpClient
+    # The data always goes with DATA, which draws the per-recipient replies.
+    _bdat_allowed = False
 
     def _hello(self, client: Client) -> Reply:
         if not isinstance(client, LmtpClient):
