@@ -24,9 +24,6 @@ import argparse
 import json
 import os
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import time
 
@@ -35,35 +32,13 @@ from gevent.pool import Pool
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
+from smtpsink import free_port, start_sink
+
 from dnsserver import DnsServer
 from slimta.envelope import Envelope
 from slimta.relay.smtp.mx import MxSmtpRelay
 from slimta.util import build_ipv4_socket_creator
 from slimta.util.dns import DNSResolver
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_sink(port: int) -> subprocess.Popen[bytes]:
-    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    cmd = [sink]
-    if os.geteuid() == 0:
-        cmd += ["-u", "nobody"]
-    cmd += [f"127.0.0.1:{port}", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("smtp-sink did not start (is postfix installed?)")
 
 
 def main() -> None:

@@ -25,15 +25,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse
-import os
 import resource
-import shutil
-import socket
-import subprocess
 import sys
 import time
 
 from gevent.pool import Pool
+from smtpsink import free_port, start_sink
 
 from slimta.envelope import Envelope
 from slimta.relay.smtp.static import StaticSmtpRelay
@@ -42,29 +39,6 @@ BODY = b"Subject: bench\r\nFrom: <a@example.com>\r\n\r\n" + (
     b"hello world, this is a line of text.\r\n" * 27
 )
 WARM_UP = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_sink(port: int) -> subprocess.Popen[bytes]:
-    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    cmd = [sink]
-    if os.geteuid() == 0:
-        cmd += ["-u", "nobody"]  # smtp-sink refuses to run as root
-    proc = subprocess.Popen([*cmd, f"127.0.0.1:{port}", "1000"])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("smtp-sink did not start")
 
 
 def main() -> int:

@@ -649,24 +649,19 @@ def large_message(lines: int) -> Envelope:
     return env
 
 
-def test_large_message_goes_as_bdat(
-    make_edge: Any, relays: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("threshold", "bdat"), [(1000, True), (100_000, False), (None, False)])
+def test_bdat_for_messages_over_the_threshold(
+    make_edge: Any,
+    relays: Any,
+    caplog: pytest.LogCaptureFixture,
+    threshold: int | None,
+    bdat: bool,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="slimta.smtp.io")
     _, port, queue = make_edge()
-    relays(port, bdat_threshold=1000).attempt(large_message(200), 0)
+    relays(port, bdat_threshold=threshold).attempt(large_message(200), 0)  # 3.8 KB
     assert queue.envelopes[0].message == b".dot line of text\r\n" * 200
-    assert _sent_bdat(caplog)
-
-
-def test_message_under_the_threshold_goes_as_data(
-    make_edge: Any, relays: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="slimta.smtp.io")
-    _, port, queue = make_edge()
-    relays(port, bdat_threshold=100_000).attempt(large_message(200), 0)
-    assert queue.envelopes[0].message == b".dot line of text\r\n" * 200
-    assert not _sent_bdat(caplog)
+    assert _sent_bdat(caplog) is bdat
 
 
 def test_no_bdat_without_chunking(relays: Any, scripted: Any) -> None:

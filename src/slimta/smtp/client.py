@@ -32,7 +32,7 @@ from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket, wait_event
-from slimta.smtp.reply import Reply, tls_failure
+from slimta.smtp.reply import Reply, _unchecked_reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
 
@@ -45,16 +45,8 @@ _NO_ESC = frozenset({b"[BANNER]", b"EHLO", b"HELO", b"LHLO"})
 
 
 def _awaited(command: bytes) -> Reply:
-    """An empty :class:`Reply` for *command*, filled when its reply is read;
-    built without the property setters, which have nothing to check."""
-    reply = Reply.__new__(Reply)
-    reply._code = None
-    reply._esc = None
-    reply._text = None
-    reply.command = command
-    reply.address = None
-    reply.newline_first = False
-    return reply
+    """An empty :class:`Reply` for *command*, filled when its reply is read."""
+    return _unchecked_reply(None, None, None, command)
 
 
 def _to_bytes(value: str | bytes) -> bytes:

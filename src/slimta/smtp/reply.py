@@ -192,6 +192,28 @@ class Reply:
         return f"<Reply code={self._code!r} message={self.message!r}>"
 
 
+def _unchecked_reply(
+    code: str | None,
+    esc: str | bool | None,
+    text: str | None,
+    command: bytes | None = None,
+) -> Reply:
+    """A :class:`Reply` built without the setters' checks, for values the
+    caller knows are valid (the SMTP cores' constants and parsed codes).
+
+    :param esc: the enhanced status code, ``None`` for the code's default,
+        ``False`` for none.
+    """
+    reply = Reply.__new__(Reply)
+    reply._code = code
+    reply._esc = esc
+    reply._text = text
+    reply.command = command
+    reply.address = None
+    reply.newline_first = False
+    return reply
+
+
 def _effective_esc(code: str | None, esc: str | bool | None) -> str | None:
     # The class digit always follows the reply code; 1xx/3xx never carry one.
     if esc is False or code is None or code[0] not in "245":

@@ -30,6 +30,7 @@ from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO, RECV_SIZE, _expire, _WaitExpired, inner_socket
 from slimta.smtp.reply import Reply
+from slimta.smtp.reply import _unchecked_reply as _reply
 
 __all__ = ["Server"]
 
@@ -40,18 +41,6 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 #: Verbs the handlers object may never be asked to serve as custom commands.
 _RESERVED = frozenset({"CLOSE", "TLSHANDSHAKE", "TLSHANDSHAKE2"})
 _NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
-
-
-def _reply(code: str, esc: str | bool | None, text: str) -> Reply:
-    # Build a Reply without re-validating constants known to be good.
-    reply = Reply.__new__(Reply)
-    reply._code = code
-    reply._esc = esc
-    reply._text = text
-    reply.command = None
-    reply.address = None
-    reply.newline_first = False
-    return reply
 
 
 def _mask_sasl(data: bytes, in_sasl: bool) -> bytes:
