@@ -8,6 +8,7 @@ sets each result. :meth:`RelayPool.attempt` blocks until its result is set.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import gevent
@@ -41,8 +42,9 @@ class RelayPoolClient(gevent.Greenlet):  # type: ignore[misc]
         self.idle_timeout = idle_timeout
         #: True while waiting in :meth:`poll`.
         self.idle = False
-        #: Whether the last :meth:`poll` had to wait for its request.
-        self.waited = False
+        #: Seconds the last :meth:`poll` waited for its request (0.0 when
+        #: one was waiting already).
+        self.waited = 0.0
         self._idle_timer: gevent.Timeout | None = None
 
     def poll(self) -> tuple[AsyncResult | None, Envelope | None]:
@@ -50,10 +52,10 @@ class RelayPoolClient(gevent.Greenlet):  # type: ignore[misc]
         queue = self.queue
         if queue:
             # Taken at once: no timer to arm, and the client was never idle.
-            self.waited = False
+            self.waited = 0.0
             result, envelope = queue.popleft()
             return result, envelope
-        self.waited = True
+        began = time.monotonic()
         timeout = self._idle_timer
         if timeout is None or timeout.seconds != self.idle_timeout:
             if timeout is not None:
@@ -72,6 +74,7 @@ class RelayPoolClient(gevent.Greenlet):  # type: ignore[misc]
         finally:
             timeout.cancel()
             self.idle = False
+            self.waited = time.monotonic() - began
         return result, envelope
 
     def _run(self) -> None:

@@ -69,6 +69,13 @@ class _StepTimeout(Exception):
         self.command = command
 
 
+#: Seconds a connection must have been idle before it is checked for an
+#: unsolicited reply (a system call). Servers time out idle sessions after
+#: seconds or minutes; one that closes within this time could as well close
+#: just after the check, and the message is then retried like any other
+#: transient failure.
+_IDLE_CHECK_AFTER = 0.05
+
 #: Steps that only read and write through :class:`Client`, so that the
 #: client's own deadline bounds them; the others (connect, TLS handshakes,
 #: AUTH) run under a :class:`gevent.Timeout`.
@@ -480,10 +487,13 @@ class SmtpRelayClient(RelayPoolClient):
                 if self.idle_timeout is None or self._broken:
                     break
                 result, envelope = self.poll()
-                if result is not None and self.waited and self._idle_connection_gone():
+                if (
+                    result is not None
+                    and self.waited >= _IDLE_CHECK_AFTER
+                    and self._idle_connection_gone()
+                ):
                     # Step 8: the server spoke (timeout notice or close) while
-                    # we were idle; someone else takes the message. A request
-                    # taken without waiting follows the last reply at once.
+                    # we were idle; someone else takes the message.
                     self.queue.appendleft((result, envelope))
                     self._broken = True
                     break
