@@ -25,7 +25,7 @@ class EchoClient(RelayPoolClient):
 
     def _run(self) -> None:
         while True:
-            result, envelope = self.poll()
+            result, _ = self.poll()
             if result is None:
                 self.log.append(("idle-end", self))
                 return
