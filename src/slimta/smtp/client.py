@@ -106,15 +106,6 @@ class Client:
     def extensions(self, value: Extensions) -> None:
         self._conn.extensions = value
 
-    @property
-    def pipelining(self) -> bool:
-        """True when the server advertised PIPELINING: MAIL, RCPT and RSET
-        then wait to be sent with the next command that ends the group.
-
-        .. versionadded:: 4.0
-        """
-        return self._conn.pipelining
-
     # ------------------------------------------------------------------ core
     def _fill(self, reply: Reply, parsed: ParsedReply) -> None:
         # The parser checked the code's three digits: set it past the check.
@@ -159,14 +150,12 @@ class Client:
             # The reply to what was just sent cannot be here yet: wait first
             # rather than make a read that would only fail.
             self._sent = False
-            sock = self.io.socket
-            wait_event(sock, sock._read_event, self._remaining())
+            self._wait(read=True)
         while True:
             try:
                 data: bytes = raw.recv(RECV_SIZE)
             except BlockingIOError:
-                sock = self.io.socket
-                wait_event(sock, sock._read_event, self._remaining())
+                self._wait(read=True)
                 continue
             except OSError as exc:
                 if exc.errno in _RESET_ERRNOS:
@@ -237,8 +226,13 @@ class Client:
             if not isinstance(view, memoryview):
                 view = memoryview(view)
             view = view[sent:]
-            sock = self.io.socket
-            wait_event(sock, sock._write_event, self._remaining())
+            self._wait(read=False)
+
+    def _wait(self, *, read: bool) -> None:
+        """Wait until the plain socket is readable (or writable), at most
+        until :attr:`deadline`."""
+        sock = self.io.socket
+        wait_event(sock, sock._read_event if read else sock._write_event, self._remaining())
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:

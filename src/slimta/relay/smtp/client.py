@@ -400,25 +400,14 @@ class SmtpRelayClient(RelayPoolClient):
             # RFC 6531 3.2: no downgrade; refuse without a round trip.
             raise SmtpPermanentRelayError(self._reply(*SMTPUTF8_REQUIRED, b"MAIL"))
         header, body, body_type, bdat = self._prepare(client, envelope)
-        rcpts: list[tuple[str, Reply]] = []
-        if client.pipelining:
-            # MAIL and RCPT only queue up until DATA sends the group: there
-            # is nothing to wait for, so no deadline to arm.
-            self._step = b"MAIL"
+        with self._deadline(self.command_timeout, b"MAIL"):
             mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
-            if mail and mail.is_error():
-                raise SmtpRelayError.factory(mail)
-            self._step = b"RCPT"
-            for rcpt in recipients:
+        if mail and mail.is_error():
+            raise SmtpRelayError.factory(mail)
+        rcpts: list[tuple[str, Reply]] = []
+        for rcpt in recipients:
+            with self._deadline(self.command_timeout, b"RCPT"):
                 rcpts.append((rcpt, client.rcptto(rcpt)))
-        else:
-            with self._deadline(self.command_timeout, b"MAIL"):
-                mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
-            if mail and mail.is_error():
-                raise SmtpRelayError.factory(mail)
-            for rcpt in recipients:
-                with self._deadline(self.command_timeout, b"RCPT"):
-                    rcpts.append((rcpt, client.rcptto(rcpt)))
         if all(reply and reply.is_error() for _, reply in rcpts):
             # Every RCPT already refused (no pipelining): DATA is pointless.
             first = rcpts[0][1] if rcpts else self._reply("554", "5.5.1 No recipients", b"RCPT")
