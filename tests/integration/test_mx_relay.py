@@ -510,3 +510,29 @@ def test_delivers_to_smtp_sink(dns_server: Any, servers: Servers, relays: Any) -
         results = relay.attempt(message("a@example.test", "b@example.test"), 0)
         assert isinstance(results, dict) and all(r.code == "250" for r in results.values())
     assert dns_server.count("example.test", "MX") == 1
+
+
+# -------------------------------------------------------- address literals
+@pytest.mark.parametrize(
+    ("ip", "literal"),
+    [("127.0.0.2", "[127.0.0.2]"), ("::1", "[IPv6:::1]"), ("::1", "[ipv6:0:0:0:0:0:0:0:1]")],
+)
+def test_address_literal_is_delivered_to_the_ip(
+    dns_server: Any, servers: Servers, relays: Any, ip: str, literal: str
+) -> None:
+    (mx,) = servers.start(ip)
+    relay = relays(servers.port, socket_creator=gevent.socket.create_connection)
+    results = relay.attempt(message(f"user@{literal}"), 0)
+    assert delivered(results)
+    assert [env.recipients for env in mx.envelopes] == [[f"user@{literal}"]]
+    assert not dns_server.queries  # no DNS for a literal
+
+
+@pytest.mark.parametrize(
+    "literal", ["[300.1.2.3]", "[IPv6:not-an-address]", "[tag:content]", "[127.0.0.1", "[]"]
+)
+def test_invalid_address_literal_fails_for_good(dns_server: Any, relays: Any, literal: str) -> None:
+    with pytest.raises(PermanentRelayError) as info:
+        relays(25).attempt(message(f"user@{literal}"), 0)
+    assert is_(info.value.reply, ("550", "5.1.2"))
+    assert not dns_server.queries

@@ -34,6 +34,7 @@ so connections are pooled and reused per exchanger.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import ssl
@@ -102,6 +103,25 @@ def _destination_domain(envelope: Envelope) -> str:
     if not at or not domain:
         raise NoDomainError(rcpt)
     return domain.lower()
+
+
+def _address_literal(domain: str) -> str | None:
+    """The IP address a domain literal names (RFC 5321 4.1.3): ``[192.0.2.1]``
+    or ``[IPv6:2001:db8::1]``; ``None`` when *domain* is a name.
+
+    :raises PermanentRelayError: a bracketed literal that is not one of
+        those two forms.
+    """
+    if not domain.startswith("["):
+        return None
+    inner = domain[1:-1] if domain.endswith("]") else ""
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        msg = f"Invalid address literal: {domain}"
+        raise PermanentRelayError(msg, Reply("550", f"5.1.2 {msg}")) from None
 
 
 def _dns_name(domain: str) -> str:
@@ -355,6 +375,10 @@ class MxSmtpRelay(Relay):
     def attempt(self, envelope: Envelope, attempts: int) -> AttemptResult:
         """Deliver *envelope* to an exchanger of its first recipient's domain.
 
+        A domain that is an address literal (``user@[192.0.2.1]``,
+        ``user@[IPv6:2001:db8::1]``) is delivered to that address on
+        :attr:`port`, without DNS.
+
         :param envelope: the message; every recipient goes to the same
             exchanger.
         :param attempts: how many attempts failed before this one (rotates
@@ -362,7 +386,8 @@ class MxSmtpRelay(Relay):
         :returns: what the static relay returns: one result per recipient.
         :raises NoDomainError: the first recipient has no domain.
         :raises PermanentRelayError: the domain does not exist, has a null MX
-            or no usable records, or a server refused the message for good.
+            or no usable records, is an invalid address literal, or a server
+            refused the message for good.
         :raises TransientRelayError: DNS failed for now, no exchanger could be
             reached, or a server refused the message for now.
         """
@@ -370,6 +395,10 @@ class MxSmtpRelay(Relay):
         forced = self._forced.get(domain)
         if forced is not None:
             return self._get_static_relay(*forced).attempt(envelope, attempts)
+        literal = _address_literal(domain)
+        if literal is not None:
+            # RFC 5321 5.1: an address literal is the host itself; no DNS.
+            return self._get_static_relay(literal, self.port).attempt(envelope, attempts)
         hosts = self._try_order(self._mx_records(domain), attempts)
         for i, host in enumerate(hosts):
             try:
