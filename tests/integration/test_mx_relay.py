@@ -536,3 +536,54 @@ def test_invalid_address_literal_fails_for_good(dns_server: Any, relays: Any, li
         relays(25).attempt(message(f"user@{literal}"), 0)
     assert is_(info.value.reply, ("550", "5.1.2"))
     assert not dns_server.queries
+
+
+# ------------------------------------------------- RFC 5321 5.1 loop check
+def test_local_host_and_lower_preferences_are_dropped(
+    dns_server: Any, servers: Servers, relays: Any
+) -> None:
+    mx1, me, mx3 = servers.start("127.0.0.2", "127.0.0.3", "127.0.0.4")
+    dns_server.set(
+        "example.test", "MX", [(300, "10 mx1.test."), (300, "20 me.test."), (300, "30 mx3.test.")]
+    )
+    host_records(dns_server, mx1="127.0.0.2", me="127.0.0.3", mx3="127.0.0.4")
+    relay = relays(servers.port, local_hosts=["ME.test."])
+    # Attempts 1 and 2 would start at "me" and mx3 without the check.
+    for attempts in range(3):
+        assert delivered(relay.attempt(message(), attempts))
+    assert (mx1.connections > 0, me.connections, mx3.connections) == (True, 0, 0)
+    assert len(mx1.envelopes) == 3
+
+
+@pytest.mark.parametrize(
+    "records", [["10 me.test.", "20 mx1.test."], ["10 mx1.test.", "10 me.test."]]
+)
+def test_local_host_as_best_exchanger_is_a_loop(
+    dns_server: Any, servers: Servers, relays: Any, records: list[str]
+) -> None:
+    mx1, me = servers.start("127.0.0.2", "127.0.0.3")
+    dns_server.set("example.test", "MX", [(300, record) for record in records])
+    host_records(dns_server, mx1="127.0.0.2", me="127.0.0.3")
+    with pytest.raises(PermanentRelayError) as info:
+        relays(servers.port, local_hosts=["me.test"]).attempt(message(), 0)
+    assert is_(info.value.reply, ("550", "5.4.6"))
+    assert mx1.connections == me.connections == 0
+
+
+def test_implicit_mx_that_is_this_host_is_a_loop(
+    dns_server: Any, servers: Servers, relays: Any
+) -> None:
+    (me,) = servers.start("127.0.0.3")
+    dns_server.set("me.test", "A", [(300, "127.0.0.3")])
+    with pytest.raises(PermanentRelayError) as info:
+        relays(servers.port, local_hosts=["me.test"]).attempt(message("a@me.test"), 0)
+    assert is_(info.value.reply, ("550", "5.4.6"))
+    assert me.connections == 0
+
+
+def test_no_loop_check_without_local_hosts(dns_server: Any, servers: Servers, relays: Any) -> None:
+    (me,) = servers.start("127.0.0.3")
+    dns_server.set("example.test", "MX", [(300, "10 me.test.")])
+    host_records(dns_server, me="127.0.0.3")
+    assert delivered(relays(servers.port).attempt(message(), 0))
+    assert len(me.envelopes) == 1

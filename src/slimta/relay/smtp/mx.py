@@ -197,6 +197,12 @@ class MxSmtpRelay(Relay):
     :param rng: the :class:`random.Random` that orders equal MX preferences
         (a seeded one makes the order repeatable). Keyword-only; an extension
         of 4.0.
+    :param local_hosts: the names this MTA is known by as an exchanger, for
+        the RFC 5321 5.1 loop check: when one of them is among a domain's
+        MX hosts, it and every exchanger of equal or lower preference (a
+        higher number) are dropped, and if nothing is left the message fails
+        with ``550 5.4.6``. Empty by default (no check); e.g.
+        ``local_hosts=[socket.getfqdn()]``. Keyword-only; an extension of 4.0.
     :param client_kwargs: the :class:`~slimta.relay.smtp.static.StaticSmtpRelay`
         keyword arguments, passed to every static relay: ``pool_size``,
         ``socket_creator`` (e.g. :func:`slimta.util.build_ipv4_socket_creator`
@@ -227,7 +233,8 @@ class MxSmtpRelay(Relay):
        falling back to the domain's A record, an implicit MX needs an A or
        AAAA record, a null MX fails with ``556 5.1.10``, equal preferences
        are tried in random order, an unreachable exchanger makes the same
-       attempt go on to the next one, and *port* and *rng* are new.
+       attempt go on to the next one, and *port*, *rng* and *local_hosts*
+       are new.
     """
 
     #: Most exchangers tried within one attempt when connections fail.
@@ -242,9 +249,12 @@ class MxSmtpRelay(Relay):
         *,
         port: int = 25,
         rng: random.Random | None = None,
+        local_hosts: Iterable[str] = (),
         **client_kwargs: Any,
     ) -> None:
         super().__init__()
+        #: Normalised names of this host as an exchanger (see *local_hosts*).
+        self.local_hosts = frozenset(_mx_host(host) for host in local_hosts)
         self.context = context if context is not None else ssl.create_default_context()
         self.port = port
         self.client_kwargs = client_kwargs
@@ -337,9 +347,25 @@ class MxSmtpRelay(Relay):
             raise _no_records(domain)
         return [(0, _dns_name(domain))]
 
+    def _without_self(self, domain: str, records: list[MxHost]) -> list[MxHost]:
+        """*records* less this host and every exchanger it ranks above
+        (RFC 5321 5.1); raises ``550 5.4.6`` when nothing is left."""
+        local = self.local_hosts
+        mine = [preference for preference, host in records if host in local]
+        if not mine:
+            return records
+        cutoff = min(mine)
+        kept = [record for record in records if record[0] < cutoff]
+        if not kept:
+            msg = f"Mail for {domain} loops back to myself"
+            raise PermanentRelayError(msg, Reply("550", f"5.4.6 {msg}"))
+        return kept
+
     def _mx_records(self, domain: str) -> list[MxHost]:
         """The exchangers of *domain* in delivery order."""
         records = self._lookup_mx(domain)
+        if self.local_hosts:
+            records = self._without_self(domain, records)
         key = frozenset(records)
         known = self._orders.get(domain)
         if known is not None and known[0] == key:
