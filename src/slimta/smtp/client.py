@@ -31,7 +31,7 @@ from slimta.smtp._client import (
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, inner_socket, wait_event
+from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, BoundedWait, inner_socket
 from slimta.smtp.reply import Reply, _unchecked_reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
@@ -86,6 +86,7 @@ class Client:
         #: Set it before each command, as the SMTP relay does.
         self.deadline: float | None = None
         self._sent = False
+        self._bounded = BoundedWait()
 
     def _raw(self) -> Any:
         """:func:`~slimta.smtp.io.inner_socket` of :attr:`io`'s socket, which
@@ -232,7 +233,8 @@ class Client:
         """Wait until the plain socket is readable (or writable), at most
         until :attr:`deadline`."""
         sock = self.io.socket
-        wait_event(sock, sock._read_event if read else sock._write_event, self._remaining())
+        event = sock._read_event if read else sock._write_event
+        self._bounded.wait(lambda: sock._wait(event), self._remaining())
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:

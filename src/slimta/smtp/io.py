@@ -11,6 +11,7 @@ import contextlib
 import errno
 import re
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -39,28 +40,45 @@ def _expire(glet: Any) -> None:
     glet.throw(_WaitExpired)
 
 
-def wait_event(sock: Any, event: Any, timeout: float | None) -> None:
-    """Wait on one of gevent socket *sock*'s io watchers (``_read_event`` or
-    ``_write_event``) for at most *timeout* seconds (``None``: no bound).
+class BoundedWait:
+    """Runs a blocking wait (such as a gevent socket's ``_wait`` on one of
+    its io watchers) for at most a given time.
 
     A libev timer throws into the waiting greenlet, which is cheaper than a
-    :class:`gevent.Timeout` and leaves the socket's own timeout alone.
-
-    :raises TimeoutError: the time ran out.
+    :class:`gevent.Timeout` and leaves the socket's own timeout alone. The
+    timer is kept while the bound stays the same (an edge session parks
+    after the same idle time again and again).
     """
-    if timeout is None:
-        sock._wait(event)
-        return
-    if timeout <= 0:
-        raise TimeoutError("timed out")
-    timer = gevent.get_hub().loop.timer(timeout)
-    timer.start(_expire, gevent.getcurrent())
-    try:
-        sock._wait(event)
-    except _WaitExpired:
-        raise TimeoutError("timed out") from None
-    finally:
-        timer.close()
+
+    __slots__ = ("_after", "_timer")
+
+    def __init__(self) -> None:
+        self._timer: Any = None
+        self._after: float | None = None
+
+    def wait(self, block: Callable[[], None], timeout: float | None) -> None:
+        """Call *block*, giving up after *timeout* seconds (``None``: no bound).
+
+        :raises TimeoutError: the time ran out.
+        """
+        if timeout is None:
+            block()
+            return
+        if timeout <= 0:
+            raise TimeoutError("timed out")
+        timer = self._timer
+        if timer is None or self._after != timeout:
+            if timer is not None:
+                timer.close()
+            timer = self._timer = gevent.get_hub().loop.timer(timeout)
+            self._after = timeout
+        timer.start(_expire, gevent.getcurrent())
+        try:
+            block()
+        except _WaitExpired:
+            raise TimeoutError("timed out") from None
+        finally:
+            timer.stop()
 
 
 def inner_socket(sock: Any) -> Any:

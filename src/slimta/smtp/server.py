@@ -28,7 +28,7 @@ from slimta.smtp._server import ServerConnection
 from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import IO, RECV_SIZE, _expire, _WaitExpired, inner_socket
+from slimta.smtp.io import IO, RECV_SIZE, BoundedWait, inner_socket
 from slimta.smtp.reply import Reply
 from slimta.smtp.reply import _unchecked_reply as _reply
 
@@ -128,8 +128,7 @@ class Server:
             ext.add("AUTH", self._auth)
         self._raw_sock: Any = None
         self._wait_readable: Callable[[], None] | None = None
-        self._timer: Any = None
-        self._timer_after: float | None = None
+        self._bounded = BoundedWait()
         # Per-read debug logging is decided once per session: it is hot.
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         self._park_remaining: float | None = None
@@ -426,22 +425,7 @@ class Server:
                 else:
                     return data
             tried = False
-            if timeout is None:
-                wait_readable()
-                continue
-            timer = self._timer
-            if timer is None or self._timer_after != timeout:
-                if timer is not None:
-                    timer.close()
-                timer = self._timer = gevent.get_hub().loop.timer(timeout)
-                self._timer_after = timeout
-            timer.start(_expire, gevent.getcurrent())
-            try:
-                wait_readable()
-            except _WaitExpired:
-                raise TimeoutError() from None
-            finally:
-                timer.stop()
+            self._bounded.wait(wait_readable, timeout)
 
     def _send_timeout(self, conn: ServerConnection) -> None:
         self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
