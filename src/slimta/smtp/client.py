@@ -31,7 +31,7 @@ from slimta.smtp._client import (
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import _RESET_ERRNOS, IO, RECV_SIZE, BoundedWait, inner_socket
+from slimta.smtp.io import _RESET_ERRNOS, IO, BoundedWait, inner_socket, recv_or_lost
 from slimta.smtp.reply import Reply, _unchecked_reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
@@ -154,16 +154,10 @@ class Client:
             self._wait(read=True)
         while True:
             try:
-                data: bytes = raw.recv(RECV_SIZE)
+                data = recv_or_lost(raw)
             except BlockingIOError:
                 self._wait(read=True)
                 continue
-            except OSError as exc:
-                if exc.errno in _RESET_ERRNOS:
-                    raise ConnectionLost() from exc
-                raise
-            if not data:
-                raise ConnectionLost()
             if self._log_io:
                 log.recv(raw, data)
             return data

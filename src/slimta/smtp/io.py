@@ -40,6 +40,23 @@ def _expire(glet: Any) -> None:
     glet.throw(_WaitExpired)
 
 
+def recv_or_lost(sock: Any) -> bytes:
+    """One ``recv`` of up to :data:`RECV_SIZE` bytes from *sock*.
+
+    :raises ConnectionLost: on end of stream or a reset.
+    :raises BlockingIOError: from a non-blocking socket with nothing to read.
+    """
+    try:
+        data: bytes = sock.recv(RECV_SIZE)
+    except OSError as exc:
+        if exc.errno in _RESET_ERRNOS:
+            raise ConnectionLost() from exc
+        raise
+    if not data:
+        raise ConnectionLost()
+    return data
+
+
 class BoundedWait:
     """Runs a blocking wait (such as a gevent socket's ``_wait`` on one of
     its io watchers) for at most a given time.
@@ -177,14 +194,7 @@ class IO:
 
         :raises ConnectionLost: on end of stream or a reset.
         """
-        try:
-            data: bytes = self.socket.recv(RECV_SIZE)
-        except OSError as exc:
-            if exc.errno in _RESET_ERRNOS:
-                raise ConnectionLost() from exc
-            raise
-        if not data:
-            raise ConnectionLost()
+        data = recv_or_lost(self.socket)
         log.recv(self.socket, data)
         return data
 
