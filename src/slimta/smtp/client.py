@@ -228,7 +228,7 @@ class Client:
         until :attr:`deadline`."""
         sock = self.io.socket
         event = sock._read_event if read else sock._write_event
-        self._bounded.wait(lambda: sock._wait(event), self._remaining())
+        self._bounded.wait(self._remaining(), sock._wait, event)
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:

@@ -73,13 +73,14 @@ class BoundedWait:
         self._timer: Any = None
         self._after: float | None = None
 
-    def wait(self, block: Callable[[], None], timeout: float | None) -> None:
-        """Call *block*, giving up after *timeout* seconds (``None``: no bound).
+    def wait(self, timeout: float | None, block: Callable[..., None], *args: Any) -> None:
+        """Call ``block(*args)``, giving up after *timeout* seconds (``None``:
+        no bound).
 
         :raises TimeoutError: the time ran out.
         """
         if timeout is None:
-            block()
+            block(*args)
             return
         if timeout <= 0:
             raise TimeoutError("timed out")
@@ -91,7 +92,7 @@ class BoundedWait:
             self._after = timeout
         timer.start(_expire, gevent.getcurrent())
         try:
-            block()
+            block(*args)
         except _WaitExpired:
             raise TimeoutError("timed out") from None
         finally:

@@ -425,7 +425,7 @@ class Server:
                 else:
                     return data
             tried = False
-            self._bounded.wait(wait_readable, timeout)
+            self._bounded.wait(timeout, wait_readable)
 
     def _send_timeout(self, conn: ServerConnection) -> None:
         self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
