@@ -38,7 +38,6 @@ is due.
 from __future__ import annotations
 
 import re
-import socket
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -47,6 +46,7 @@ from typing import Any, Self
 
 from slimta.envelope import Envelope
 from slimta.smtp.reply import Reply
+from slimta.util._hostname import local_fqdn
 from slimta.util.bytesformat import BytesFormat
 
 __all__ = ["Bounce"]
@@ -106,10 +106,6 @@ _HEADER_TEMPLATE = (
 )
 
 _FOOTER_TEMPLATE = b"\r\n--{boundary}--\r\n"
-
-#: Set on first use: the local host name, for ``Reporting-MTA`` when no
-#: receiver is known. getfqdn() can cost a DNS lookup, so once per process.
-_FQDN: str | None = None
 
 
 class Bounce(Envelope):
@@ -200,7 +196,7 @@ class Bounce(Envelope):
         self.timestamp = now
         self.client = dict(cls.client)
         self.receiver = cls.receiver if cls.receiver is not None else envelope.receiver
-        reporting_mta = _clean(self.receiver or _local_hostname())
+        reporting_mta = _clean(self.receiver or local_fqdn())
 
         header_bytes, body = envelope.flatten()
         # RFC 3461 section 4.3: RET=HDRS asks for the headers only.
@@ -417,11 +413,3 @@ def _as_format(template: BytesFormat | str | bytes) -> BytesFormat:
     if isinstance(template, str):
         template = template.encode("utf-8")
     return BytesFormat(_LONE_EOL.sub(b"\r\n", template), mode="remove")
-
-
-def _local_hostname() -> str:
-    """This host's fully qualified name, looked up once per process."""
-    global _FQDN
-    if _FQDN is None:
-        _FQDN = socket.getfqdn()
-    return _FQDN

@@ -25,11 +25,14 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+import gevent.queue  # noqa: E402
 import pytest  # noqa: E402
 import trustme  # noqa: E402
 
 from slimta.edge.smtp import SmtpEdge  # noqa: E402
+from slimta.queue import QueueError  # noqa: E402
 from slimta.smtp.io import IO  # noqa: E402
+from slimta.smtp.server import Server  # noqa: E402
 
 #: Seconds any single client read may block before the test fails.
 IO_TIMEOUT = 5.0
@@ -61,17 +64,15 @@ def reply_is(reply: tuple[Any, Any], named: tuple[str, str | None]) -> bool:
     return first == want_esc or first.startswith(want_esc + " ")
 
 
-class FakeQueueError(Exception):
-    """What a queue returns for a message it refused, like ``QueueError``.
+class FakeQueueError(QueueError):
+    """What a queue returns for a message it refused: a ``QueueError``.
 
     :param reply: the :class:`~slimta.smtp.reply.Reply` the edge should send,
         or ``None`` for a generic failure.
     """
 
     def __init__(self, reply: Any = None) -> None:
-        super().__init__("queue refused the message")
-        if reply is not None:
-            self.reply = reply
+        super().__init__("queue refused the message", reply)
 
 
 class RecordingQueue:
@@ -109,11 +110,12 @@ class RecordingQueue:
 
 
 class RecordingSmtpEdge(SmtpEdge):
-    """An SmtpEdge whose tests can see sessions end.
+    """An SmtpEdge whose tests can see sessions end and park.
 
     :attr:`session_ended` is set each time the edge closes a client
     connection (an idle session may park and resume in another greenlet, so
-    the end of :meth:`handle` is not the end of a session).
+    the end of :meth:`handle` is not the end of a session). :attr:`parks`
+    receives the :class:`Server` of each session that parks.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -121,6 +123,8 @@ class RecordingSmtpEdge(SmtpEdge):
         #: Set whenever the edge closes a session's connection.
         self.session_ended = gevent.event.Event()
         self.sessions_ended = 0
+        #: One item per parking: wait for them with ``parks.get(timeout=...)``.
+        self.parks: gevent.queue.Queue[Server] = gevent.queue.Queue()
 
     def _closed_one(self) -> None:
         self.sessions_ended += 1
@@ -250,6 +254,16 @@ def make_edge(
                     edge._closed_one()
 
     monkeypatch.setattr(IO, "close", close_and_record)
+
+    server_park = Server.park
+
+    def park_and_record(server: Server, on_wake: Callable[[], None]) -> None:
+        server_park(server, on_wake)
+        port = server.io.socket.getsockname()[1]
+        if port in edges:
+            edges[port].parks.put(server)
+
+    monkeypatch.setattr(Server, "park", park_and_record)
 
     def factory(**kwargs: Any) -> tuple[RecordingSmtpEdge, int, RecordingQueue]:
         queue = kwargs.pop("queue", None) or RecordingQueue()

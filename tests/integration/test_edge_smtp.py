@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import gevent
 import gevent.event
 import pytest
+from conftest import IO_TIMEOUT
+from gevent.pool import Pool
 
 from slimta.smtp import reply as named_replies
 
@@ -552,36 +555,44 @@ def test_stop_ends_sessions_still_busy_after_the_grace_time(make_edge, raw):
 
 # ------------------------------------------------------- parked sessions
 # An idle plain-text session parks in the event loop after park_after
-# seconds. Nothing on the wire may tell a parked session from a busy one. The
-# client idles with gevent.sleep() for several times park_after: the pause is
-# the behaviour under test, not a wait for a result.
+# seconds: it then holds no greenlet, and nothing on the wire may tell it
+# from a busy one. The tests wait for each parking (edge.parks) and check
+# that no greenlet serves the session while it is parked.
 
 PARK_AFTER = 0.05
-IDLE = 0.3
+
+
+def wait_parked(edge: Any, count: int = 1) -> None:
+    for _ in range(count):
+        edge.parks.get(timeout=IO_TIMEOUT)
+    assert edge.parked_sessions == count
+    # No greenlet per idle connection: the pool empties.
+    assert edge.pool.join(timeout=IO_TIMEOUT)
 
 
 def test_parked_session_resumes_mid_command_and_mid_transaction(make_edge, raw):
     edge, port, queue = make_edge(park_after=PARK_AFTER)
     client = raw(port)
     client.greet()
-    gevent.sleep(IDLE)
+    wait_parked(edge)
     client.send(b"MAIL FROM:<a@example.test>\r\n")
     client.expect(SENDER_OK)
-    gevent.sleep(IDLE)
-    # Half a command, a pause (the session parks with it buffered), the rest.
+    wait_parked(edge)
+    # Half a command, the session parks with it buffered, then the rest.
     client.send(b"RCPT TO:<b@exa")
-    gevent.sleep(IDLE)
+    wait_parked(edge)
     client.send(b"mple.test>\r\n")
     client.expect(RECIPIENT_OK)
     client.send(b"DATA\r\n")
     client.expect(START_DATA)
     client.send(MESSAGE + b".\r\n")
     client.expect(QUEUED)
-    gevent.sleep(IDLE)
+    wait_parked(edge)
     client.send(b"QUIT\r\n")
     client.expect(BYE)
     assert client.at_eof()
     assert edge.session_ended.wait(5)
+    assert edge.parked_sessions == 0
     [envelope] = queue.envelopes
     assert envelope.recipients == ["b@example.test"]
 
@@ -590,19 +601,22 @@ def test_parked_session_times_out(make_edge, raw):
     edge, port, _ = make_edge(park_after=PARK_AFTER, command_timeout=0.5)
     client = raw(port)
     client.greet()
+    wait_parked(edge)
     assert client.read_line() == b""
     client.expect(TIMED_OUT)
     assert client.at_eof()
     assert edge.session_ended.wait(5)
+    assert edge.parked_sessions == 0
 
 
 def test_parked_session_closed_by_client(make_edge, raw, smtp):
     edge, port, queue = make_edge(park_after=PARK_AFTER)
     client = raw(port)
     client.greet()
-    gevent.sleep(IDLE)
+    wait_parked(edge)
     client.close()
     assert edge.session_ended.wait(5)
+    assert edge.parked_sessions == 0
     assert smtp(port).sendmail("a@example.test", ["b@example.test"], MESSAGE) == {}
     assert len(queue.envelopes) == 1
 
@@ -611,20 +625,21 @@ def test_stop_reaches_parked_sessions(make_edge, raw):
     edge, port, _ = make_edge(park_after=PARK_AFTER)
     client = raw(port)
     client.greet()
-    gevent.sleep(IDLE)
+    wait_parked(edge)
     edge.stop(grace=0.1)
     client.expect(SHUTTING_DOWN)
     assert client.at_eof()
+    assert edge.parked_sessions == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
 def test_many_parked_sessions(make_edge, raw):
-    _, port, queue = make_edge(park_after=PARK_AFTER)
+    edge, port, queue = make_edge(park_after=PARK_AFTER)
     clients = [raw(port) for _ in range(50)]
     for client in clients:
         client.greet()
-    gevent.sleep(IDLE)
+    wait_parked(edge, 50)
     for client in clients:
         client.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
     for client in clients:
@@ -635,3 +650,12 @@ def test_many_parked_sessions(make_edge, raw):
     for client in clients:
         client.expect(QUEUED)
     assert len(queue.envelopes) == 50
+
+
+def test_bounded_pool_never_parks(make_edge, raw):
+    edge, port, _ = make_edge(park_after=PARK_AFTER, pool=Pool(10), command_timeout=0.3)
+    client = raw(port)
+    client.greet()
+    assert client.read_line() == b""
+    client.expect(TIMED_OUT)
+    assert edge.parks.empty()

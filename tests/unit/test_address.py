@@ -11,12 +11,12 @@ from slimta.smtp._address import (
     parse_rcpt_argument,
 )
 
-BAD_SENDER = ("501", "5.1.7")
-BAD_RECIPIENT = ("501", "5.1.3")
-BAD_ARGUMENTS = ("501", "5.5.4")
+BAD_SENDER = (501, "5.1.7")
+BAD_RECIPIENT = (501, "5.1.3")
+BAD_ARGUMENTS = (501, "5.5.4")
 
 
-def error_of(func: object, arg: str) -> tuple[str, str]:
+def error_of(func: object, arg: str) -> tuple[int, str]:
     with pytest.raises(ArgumentError) as info:
         func(arg)  # type: ignore[operator]
     exc = info.value

@@ -219,7 +219,7 @@ def test_headers() -> None:
 
 
 def test_headers_without_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slimta.bounce, "_FQDN", "host.example.test")
+    monkeypatch.setattr(slimta.bounce, "local_fqdn", lambda: "host.example.test")
     bounce = Bounce(make_envelope(receiver=None), NO_SUCH_USER)
     assert bounce.receiver is None
     msg = parse(bounce)

@@ -35,7 +35,7 @@ def extensions(*names: str) -> Extensions:
     return ext
 
 
-def drain(conn: ClientConnection) -> list[tuple[bytes, str, str]]:
+def drain(conn: ClientConnection) -> list[tuple[bytes, int, str]]:
     out = []
     while (got := conn.next_reply()) is not None:
         out.append((got[0], got[1].code, got[1].message))
@@ -50,16 +50,16 @@ def test_replies_match_commands_in_order() -> None:
     assert conn.data_to_send() == b"EHLO client.test\r\n"
     assert conn.waiting == 2
     conn.receive_data(b"220 mx.test ESMTP\r\n250-mx.test\r\n250 PIPE")
-    assert drain(conn) == [(b"[BANNER]", "220", "mx.test ESMTP")]
+    assert drain(conn) == [(b"[BANNER]", 220, "mx.test ESMTP")]
     conn.receive_data(b"LINING\r\n")
-    assert drain(conn) == [(b"EHLO", "250", "mx.test\r\nPIPELINING")]
+    assert drain(conn) == [(b"EHLO", 250, "mx.test\r\nPIPELINING")]
     assert conn.waiting == 0
 
 
 def test_unsolicited_reply() -> None:
     conn = ClientConnection()
     conn.receive_data(b"421 4.4.2 timeout\r\n")
-    assert drain(conn) == [(b"[UNSOLICITED]", "421", "4.4.2 timeout")]
+    assert drain(conn) == [(b"[UNSOLICITED]", 421, "4.4.2 timeout")]
 
 
 def test_bad_reply_raises() -> None:
@@ -106,7 +106,7 @@ def test_start_tls_drops_injected_bytes() -> None:
     conn.send_command(b"STARTTLS")
     conn.receive_data(b"220 2.0.0 go ahead\r\n250 injected\r\n")
     got = conn.next_reply()
-    assert got is not None and (got[0], got[1].code) == (b"STARTTLS", "220")
+    assert got is not None and (got[0], got[1].code) == (b"STARTTLS", 220)
     assert conn.start_tls() == b"250 injected\r\n"
     assert conn.next_reply() is None
     assert "STARTTLS" not in conn.extensions
@@ -140,8 +140,8 @@ def test_needs() -> None:
     assert not needs_binarymime(b"abc\r\n", b"x" * 998)
     assert needs_binarymime(b"a\x00b")
     assert needs_binarymime(b"x" * 999 + b"\r\n")
-    assert SMTPUTF8_REQUIRED[1].startswith("5.6.7") and SMTPUTF8_REQUIRED[0] in ("553", "554")
-    assert CONVERSION_NOT_ALLOWED == ("554", "5.6.3 Conversion not allowed")
+    assert SMTPUTF8_REQUIRED[1].startswith("5.6.7") and SMTPUTF8_REQUIRED[0] in (553, 554)
+    assert CONVERSION_NOT_ALLOWED == (554, "5.6.3 Conversion not allowed")
 
 
 # -------------------------------------------------------------------- SASL
@@ -151,12 +151,12 @@ def test_needs() -> None:
         ("PLAIN LOGIN CRAM-MD5", True, None, b"PLAIN"),
         ("LOGIN CRAM-MD5", True, None, b"LOGIN"),
         ("PLAIN LOGIN CRAM-MD5", False, None, b"CRAM-MD5"),
-        ("PLAIN LOGIN", False, None, "504"),
-        (None, True, None, "504"),
-        ("CRAM-MD5", True, b"PLAIN", "504"),
-        ("PLAIN", False, "plain", "538"),
+        ("PLAIN LOGIN", False, None, 504),
+        (None, True, None, 504),
+        ("CRAM-MD5", True, b"PLAIN", 504),
+        ("PLAIN", False, "plain", 538),
         ("PLAIN", True, "plain", b"PLAIN"),
-        ("XOAUTH2", True, "XOAUTH2", "504"),
+        ("XOAUTH2", True, "XOAUTH2", 504),
     ],
 )
 def test_choose_mechanism(
@@ -197,7 +197,7 @@ def test_auth_framing_joined_to_server_core() -> None:
     # RFC 2195 2, the example exchange.
     conn.receive_data(b"334 PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n")
     command, reply = conn.next_reply() or (b"", None)
-    assert command == b"AUTH" and reply is not None and reply.code == "334"
+    assert command == b"AUTH" and reply is not None and reply.code == 334
     assert decode_challenge(reply.message) == b"<1896.697170952@postoffice.reston.mci.net>"
     conn.send_line(encode_response(b"tim b913a602c7eda7a495b4e6e7334d3890"), b"AUTH")
     assert conn.data_to_send() == (b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n")
@@ -237,13 +237,13 @@ def run_server(server: ServerConnection, data: bytes) -> bytes:
         if isinstance(event, ev.NeedData | ev.ConnectionClosed):
             return server.data_to_send()
         if isinstance(event, ev.Data):
-            server.respond("354", "Start mail input; end with <CRLF>.<CRLF>")
+            server.respond(354, "Start mail input; end with <CRLF>.<CRLF>")
         elif isinstance(event, ev.Quit):
-            server.respond("221", "2.0.0 Bye")
+            server.respond(221, "2.0.0 Bye")
         elif isinstance(event, ev.RcptTo) and event.address.startswith("bad"):
-            server.respond("550", "5.1.1 No such user")
+            server.respond(550, "5.1.1 No such user")
         else:
-            server.respond("250", "2.0.0 Ok")
+            server.respond(250, "2.0.0 Ok")
 
 
 def test_pipelined_transaction_against_server_core() -> None:
@@ -251,14 +251,14 @@ def test_pipelined_transaction_against_server_core() -> None:
 
     server_ext = extensions("PIPELINING", "8BITMIME")
     server = ServerConnection(server_ext)
-    server.greet("220", "mx.test ESMTP")
+    server.greet(220, "mx.test ESMTP")
     client = ClientConnection()
     client.expect(b"[BANNER]")
     client.receive_data(server.data_to_send())
     client.send_command(b"EHLO", b"client.test")
     client.receive_data(run_server(server, client.data_to_send()))
     replies = drain(client)
-    assert [r[:2] for r in replies] == [(b"[BANNER]", "220"), (b"EHLO", "250")]
+    assert [r[:2] for r in replies] == [(b"[BANNER]", 220), (b"EHLO", 250)]
     client.extensions = Extensions()
     client.extensions.parse_string(replies[1][2])
     assert client.pipelining
@@ -276,14 +276,14 @@ def test_pipelined_transaction_against_server_core() -> None:
     assert group.count(b"\r\n") == 4
     client.receive_data(run_server(server, group))
     assert [r[:2] for r in drain(client)] == [
-        (b"MAIL", "250"),
-        (b"RCPT", "250"),
-        (b"RCPT", "550"),
-        (b"DATA", "354"),
+        (b"MAIL", 250),
+        (b"RCPT", 250),
+        (b"RCPT", 550),
+        (b"DATA", 354),
     ]
     client.send_data(b"".join(dot_stuff(b"Subject: t\r\n\r\n.hidden\n.\nend")))
     client.receive_data(run_server(server, client.data_to_send()))
-    assert [r[:2] for r in drain(client)] == [(b"[SEND_DATA]", "250")]
+    assert [r[:2] for r in drain(client)] == [(b"[SEND_DATA]", 250)]
     client.send_command(b"QUIT")
     client.receive_data(run_server(server, client.data_to_send()))
-    assert [r[:2] for r in drain(client)] == [(b"QUIT", "221")]
+    assert [r[:2] for r in drain(client)] == [(b"QUIT", 221)]

@@ -98,7 +98,7 @@ def test_bdat_frames() -> None:
 def server_receives(data: bytes) -> ev.Event:
     """Run a server core to DATA, feed *data*, return the content event."""
     conn = ServerConnection(Extensions())
-    conn.greet("220", "mx.test ESMTP")
+    conn.greet(220, "mx.test ESMTP")
     conn.receive_data(b"HELO client.test\r\nMAIL FROM:<a@example.com>\r\n")
     conn.receive_data(b"RCPT TO:<b@example.com>\r\nDATA\r\n")
     while True:
@@ -112,7 +112,7 @@ def server_receives(data: bytes) -> ev.Event:
             raise AssertionError("server core wants more data")
         if isinstance(event, ev.MessageReceived | ev.MessageRefused):
             return event
-        conn.respond("354" if isinstance(event, ev.Data) else "250", "ok")
+        conn.respond(354 if isinstance(event, ev.Data) else 250, "ok")
 
 
 def expected_body(*parts: bytes) -> bytes:

@@ -20,10 +20,10 @@ def session(dsn: bool = True) -> ServerConnection:
     if dsn:
         ext.add("DSN")
     conn = ServerConnection(ext)
-    conn.greet("220", "mx.test ESMTP")
+    conn.greet(220, "mx.test ESMTP")
     conn.receive_data(b"EHLO client.test\r\n")
     conn.next_event()
-    conn.respond("250", "mx.test")
+    conn.respond(250, "mx.test")
     assert conn.next_event() == ev.NeedData()
     conn.data_to_send()
     return conn
@@ -34,7 +34,7 @@ def command(conn: ServerConnection, line: bytes) -> tuple[ev.Event | None, bytes
     event = conn.next_event()
     if isinstance(event, ev.NeedData):
         return None, conn.data_to_send()
-    conn.respond("250", "2.0.0 Ok")
+    conn.respond(250, "2.0.0 Ok")
     conn.next_event()
     return event, conn.data_to_send()
 

@@ -268,19 +268,19 @@ def test_reply_all() -> None:
 
 # ------------------------------------------------------------- format_reply
 def test_format_single_line() -> None:
-    assert format_reply("250", "2.0.0 Ok") == b"250 2.0.0 Ok\r\n"
+    assert format_reply(250, "2.0.0 Ok") == b"250 2.0.0 Ok\r\n"
 
 
 def test_format_empty_text() -> None:
-    assert format_reply("354", "") == b"354\r\n"
+    assert format_reply(354, "") == b"354\r\n"
 
 
 def test_format_newline_first() -> None:
-    assert format_reply("421", "bye", True) == b"\r\n421 bye\r\n"
+    assert format_reply(421, "bye", True) == b"\r\n421 bye\r\n"
 
 
 def test_format_multi_line() -> None:
-    out = format_reply("250", "mx Hello\r\nPIPELINING\r\nSIZE 1000")
+    out = format_reply(250, "mx Hello\r\nPIPELINING\r\nSIZE 1000")
     assert out == b"250-mx Hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
 
 
@@ -297,7 +297,7 @@ def test_format_multi_line() -> None:
     ],
 )
 def test_format_cannot_inject_a_reply(text: str) -> None:
-    out = format_reply("250", text)
+    out = format_reply(250, text)
     assert out.endswith(b"\r\n")
     lines = out[:-2].split(b"\r\n")
     assert b"\n" not in out.replace(b"\r\n", b"")
@@ -309,13 +309,13 @@ def test_format_cannot_inject_a_reply(text: str) -> None:
     parser.feed(out)
     parsed = parser.next_reply()
     assert parsed is not None
-    assert parsed.code == "250"
+    assert parsed.code == 250
     assert parser.next_reply() is None
     assert not parser.has_buffered
 
 
 def test_format_utf8() -> None:
-    assert format_reply("250", "héllo") == "250 héllo\r\n".encode()
+    assert format_reply(250, "héllo") == "250 héllo\r\n".encode()
 
 
 # -------------------------------------------------------------- ReplyParser
@@ -329,25 +329,25 @@ def parse_all(data: bytes) -> list[ParsedReply]:
 
 
 def test_parse_single() -> None:
-    assert parse_all(b"250 2.0.0 Ok\r\n") == [ParsedReply("250", "2.0.0 Ok", ("2.0.0 Ok",))]
+    assert parse_all(b"250 2.0.0 Ok\r\n") == [ParsedReply(250, "2.0.0 Ok", ("2.0.0 Ok",))]
 
 
 def test_parse_code_only() -> None:
-    assert parse_all(b"250\r\n") == [ParsedReply("250", "", ("",))]
+    assert parse_all(b"250\r\n") == [ParsedReply(250, "", ("",))]
 
 
 def test_parse_multi_line() -> None:
     data = b"250-mx Hello\r\n250-PIPELINING\r\n250 SIZE 1000\r\n"
     assert parse_all(data) == [
         ParsedReply(
-            "250", "mx Hello\r\nPIPELINING\r\nSIZE 1000", ("mx Hello", "PIPELINING", "SIZE 1000")
+            250, "mx Hello\r\nPIPELINING\r\nSIZE 1000", ("mx Hello", "PIPELINING", "SIZE 1000")
         )
     ]
 
 
 def test_parse_several_replies() -> None:
     replies = parse_all(b"250 2.1.0 Ok\r\n550 5.1.1 No\r\n354 Go\r\n")
-    assert [r.code for r in replies] == ["250", "550", "354"]
+    assert [r.code for r in replies] == [250, 550, 354]
 
 
 def test_parse_incremental_byte_by_byte() -> None:
@@ -359,8 +359,8 @@ def test_parse_incremental_byte_by_byte() -> None:
         while (reply := parser.next_reply()) is not None:
             got.append((i, reply))
     assert [(i, r.code, r.lines) for i, r in got] == [
-        (data.index(b"250 last\r\n") + 9, "250", ("first", "second", "last")),
-        (len(data) - 1, "221", ("2.0.0 Bye",)),
+        (data.index(b"250 last\r\n") + 9, 250, ("first", "second", "last")),
+        (len(data) - 1, 221, ("2.0.0 Bye",)),
     ]
 
 
@@ -429,7 +429,7 @@ def test_parse_most_lines_allowed() -> None:
 def test_take_buffered() -> None:
     parser = ReplyParser()
     parser.feed(b"220 2.0.0 Ready\r\n250 injected\r\n")
-    assert parser.next_reply() == ParsedReply("220", "2.0.0 Ready", ("2.0.0 Ready",))
+    assert parser.next_reply() == ParsedReply(220, "2.0.0 Ready", ("2.0.0 Ready",))
     assert parser.has_buffered
     assert parser.take_buffered() == b"250 injected\r\n"
     assert not parser.has_buffered
@@ -438,6 +438,6 @@ def test_take_buffered() -> None:
 
 def test_format_then_parse_round_trip() -> None:
     text = "mx Hello\r\n8BITMIME\r\nSIZE 10"
-    assert parse_all(format_reply("250", text)) == [
-        ParsedReply("250", text, ("mx Hello", "8BITMIME", "SIZE 10"))
+    assert parse_all(format_reply(250, text)) == [
+        ParsedReply(250, text, ("mx Hello", "8BITMIME", "SIZE 10"))
     ]

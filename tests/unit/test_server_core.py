@@ -60,24 +60,24 @@ SIZE_LIMIT = 1000
 
 #: The 4.0 default replies (spec 4.8), per event class.
 DEFAULTS: dict[type[ev.Event], Callable[[Any], tuple[str, str]]] = {
-    ev.Ehlo: lambda e: ("250", f"mx.test Hello {e.name}"),
-    ev.Helo: lambda e: ("250", f"mx.test Hello {e.name}"),
-    ev.MailFrom: lambda e: ("250", f"2.1.0 Sender <{e.address}> Ok"),
-    ev.RcptTo: lambda e: ("250", f"2.1.5 Recipient <{e.address}> Ok"),
-    ev.Data: lambda e: ("354", "Start mail input; end with <CRLF>.<CRLF>"),
-    ev.MessageReceived: lambda e: ("250", "2.6.0 Message accepted for delivery"),
+    ev.Ehlo: lambda e: (250, f"mx.test Hello {e.name}"),
+    ev.Helo: lambda e: (250, f"mx.test Hello {e.name}"),
+    ev.MailFrom: lambda e: (250, f"2.1.0 Sender <{e.address}> Ok"),
+    ev.RcptTo: lambda e: (250, f"2.1.5 Recipient <{e.address}> Ok"),
+    ev.Data: lambda e: (354, "Start mail input; end with <CRLF>.<CRLF>"),
+    ev.MessageReceived: lambda e: (250, "2.6.0 Message accepted for delivery"),
     ev.MessageRefused: lambda e: (e.code, e.message),
-    ev.Rset: lambda e: ("250", "2.0.0 Ok"),
-    ev.Noop: lambda e: ("250", "2.0.0 Ok"),
-    ev.Quit: lambda e: ("221", "2.0.0 Bye"),
+    ev.Rset: lambda e: (250, "2.0.0 Ok"),
+    ev.Noop: lambda e: (250, "2.0.0 Ok"),
+    ev.Quit: lambda e: (221, "2.0.0 Bye"),
     ev.Vrfy: lambda e: (
-        "252",
+        252,
         "2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
     ),
-    ev.UnknownCommand: lambda e: ("500", "5.5.2 Syntax error, command unrecognized"),
-    ev.StartTls: lambda e: ("220", "2.7.0 Go ahead"),
-    ev.Auth: lambda e: ("535", "5.7.8 Authentication credentials invalid"),
-    ev.AuthResponse: lambda e: ("535", "5.7.8 Authentication credentials invalid"),
+    ev.UnknownCommand: lambda e: (500, "5.5.2 Syntax error, command unrecognized"),
+    ev.StartTls: lambda e: (220, "2.7.0 Go ahead"),
+    ev.Auth: lambda e: (535, "5.7.8 Authentication credentials invalid"),
+    ev.AuthResponse: lambda e: (535, "5.7.8 Authentication credentials invalid"),
 }
 
 
@@ -147,7 +147,7 @@ class Session:
         #: Every event seen, NeedData excluded.
         self.events: list[ev.Event] = []
         if greet:
-            self.conn.greet("220", "mx.test ESMTP")
+            self.conn.greet(220, "mx.test ESMTP")
             assert_replies(self.conn.data_to_send(), [GREETING])
 
     def send(self, data: bytes) -> bytes:
@@ -399,7 +399,7 @@ def test_helo_reply_is_one_line() -> None:
 
 
 def test_ehlo_refused_keeps_session_unhelloed() -> None:
-    session = Session(answers={ev.Ehlo: lambda e: ("550", "5.7.1 Go away")})
+    session = Session(answers={ev.Ehlo: lambda e: (550, "5.7.1 Go away")})
     assert_replies(session.send(b"EHLO bad.test\r\n"), [b"550 5.7.1"])
     assert_replies(session.send(b"MAIL FROM:<a@example.com>\r\n"), [BAD_SEQUENCE])
 
@@ -433,7 +433,7 @@ def test_helo_keeps_smtputf8_and_parameter_rules() -> None:
 
 def test_greeting_other_than_220_serves_only_quit() -> None:
     session = Session(greet=False)
-    session.conn.greet("554", "5.3.2 No service")
+    session.conn.greet(554, "5.3.2 No service")
     assert session.conn.data_to_send() == b"554 5.3.2 No service\r\n"
     out = session.send(b"EHLO client.test\r\nNOOP\r\nMAIL FROM:<a@example.com>\r\nQUIT\r\n")
     assert_replies(out, [BAD_SEQUENCE, BAD_SEQUENCE, BAD_SEQUENCE, BYE])
@@ -442,7 +442,7 @@ def test_greeting_other_than_220_serves_only_quit() -> None:
 
 def test_greeting_421_closes() -> None:
     session = Session(greet=False)
-    session.conn.greet("421", "4.3.2 Busy")
+    session.conn.greet(421, "4.3.2 Busy")
     assert session.conn.next_event() == ev.ConnectionClosed()
 
 
@@ -495,7 +495,7 @@ def test_unknown_command_without_argument() -> None:
 
 
 def test_unknown_command_answer_is_the_callers() -> None:
-    session = session_at("ready", answers={ev.UnknownCommand: lambda e: ("250", "2.0.0 Fine")})
+    session = session_at("ready", answers={ev.UnknownCommand: lambda e: (250, "2.0.0 Fine")})
     assert_replies(session.send(b"XCLIENT NAME=x\r\n"), [OK])
     assert session.conn.errors == 0
 
@@ -543,14 +543,14 @@ def test_pipelined_commands_after_a_failed_one_are_handled_in_order() -> None:
 
 
 def test_pipelined_after_refused_recipient_data_is_refused() -> None:
-    answers = {ev.RcptTo: lambda e: ("550", "5.1.1 No such user")}
+    answers = {ev.RcptTo: lambda e: (550, "5.1.1 No such user")}
     session = session_at("ready", answers=answers)
     out = session.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
     assert_replies(out, [SENDER_OK, b"550 5.1.1", BAD_SEQUENCE])
 
 
 def test_replies_before_data_are_not_lost_when_data_refused() -> None:
-    answers = {ev.Data: lambda e: ("554", "5.7.1 No thanks")}
+    answers = {ev.Data: lambda e: (554, "5.7.1 No thanks")}
     session = session_at("rcpt", answers=answers)
     out = session.send(b"DATA\r\nMAIL FROM:<a@example.com>\r\n")
     # The transaction stays open: MAIL is nested.
@@ -704,7 +704,7 @@ def test_bdat_chunks_split_across_reads() -> None:
 
 
 def test_bdat_refused_first_chunk_consumes_octets_and_kills_transaction() -> None:
-    answers = {ev.Data: lambda e: ("554", "5.7.1 Not from you")}
+    answers = {ev.Data: lambda e: (554, "5.7.1 Not from you")}
     session = session_at("rcpt", answers=answers)
     out = session.send(b"BDAT 6\r\nNOOP\r\nBDAT 6 LAST\r\nNOOP\r\nNOOP\r\n")
     assert_replies(out, [b"554 5.7.1", BAD_SEQUENCE, OK])
@@ -772,7 +772,7 @@ def test_recipient_limit_exact() -> None:
 
 def test_refused_recipients_do_not_count_against_the_limit() -> None:
     answers = {
-        ev.RcptTo: lambda e: ("550", "5.1.1 No") if "bad" in e.address else DEFAULTS[ev.RcptTo](e)
+        ev.RcptTo: lambda e: (550, "5.1.1 No") if "bad" in e.address else DEFAULTS[ev.RcptTo](e)
     }
     session = session_at("mail", max_recipients=2, answers=answers)
     out = session.send(
@@ -1011,7 +1011,7 @@ def test_starttls_discards_pipelined_plaintext() -> None:
 
 
 def test_starttls_resets_transaction_and_auth() -> None:
-    answers = {ev.Auth: lambda e: ("235", "2.7.0 Authentication successful")}
+    answers = {ev.Auth: lambda e: (235, "2.7.0 Authentication successful")}
     session = session_at("ready", answers=answers)
     assert_replies(session.send(b"AUTH PLAIN AGEAYg==\r\n"), [AUTH_OK])
     assert session.conn.authenticated
@@ -1020,7 +1020,7 @@ def test_starttls_resets_transaction_and_auth() -> None:
 
 
 def test_starttls_refused_keeps_pipelined_commands() -> None:
-    answers = {ev.StartTls: lambda e: ("454", "4.7.0 TLS not available")}
+    answers = {ev.StartTls: lambda e: (454, "4.7.0 TLS not available")}
     session = session_at("ready", answers=answers)
     out = session.send(b"STARTTLS\r\nNOOP\r\n")
     assert_replies(out, [b"454 4.7.0", OK])
@@ -1060,7 +1060,7 @@ def test_auth_with_initial_response() -> None:
     conn = _auth_conn()
     conn.receive_data(b"AUTH plain AHVzZXIAcGFzcw==\r\n")
     assert conn.next_event() == ev.Auth("PLAIN", "AHVzZXIAcGFzcw==")
-    conn.respond("235", "2.7.0 Authentication successful")
+    conn.respond(235, "2.7.0 Authentication successful")
     assert_replies(conn.data_to_send(), [AUTH_OK])
     assert conn.authenticated
     assert conn.state is State.READY
@@ -1086,7 +1086,7 @@ def test_auth_challenge_exchange() -> None:
     assert conn.data_to_send() == b"334 UGFzc3dvcmQ6\r\n"
     conn.receive_data(b"cGFzcw==\r\n")
     assert conn.next_event() == ev.AuthResponse("cGFzcw==")
-    conn.respond("235", "2.7.0 Authentication successful")
+    conn.respond(235, "2.7.0 Authentication successful")
     assert_replies(conn.data_to_send(), [AUTH_OK])
     assert conn.authenticated
     assert conn.state is State.READY
@@ -1111,7 +1111,7 @@ def test_auth_cancelled_by_client() -> None:
     conn.challenge("VXNlcm5hbWU6")
     conn.receive_data(b"*\r\nNOOP\r\n")
     assert conn.next_event() == ev.AuthResponse("*")
-    conn.respond("501", "5.7.0 Authentication cancelled")
+    conn.respond(501, "5.7.0 Authentication cancelled")
     assert conn.next_event() == ev.Noop()
     assert not conn.authenticated
     assert conn.errors == 1
@@ -1121,7 +1121,7 @@ def test_auth_failure_counts_and_allows_retry() -> None:
     conn = _auth_conn()
     conn.receive_data(b"AUTH PLAIN AHUAcA==\r\n")
     conn.next_event()
-    conn.respond("535", "5.7.8 Authentication credentials invalid")
+    conn.respond(535, "5.7.8 Authentication credentials invalid")
     assert_replies(conn.data_to_send(), [AUTH_FAILED])
     assert conn.errors == 1
     assert not conn.authenticated
@@ -1175,7 +1175,7 @@ def test_invalid_utf8_auth_response_ends_the_exchange() -> None:
 # Decisions: respond, close, misuse
 # --------------------------------------------------------------------------
 def test_respond_221_or_421_closes() -> None:
-    session = session_at("ready", answers={ev.MailFrom: lambda e: ("421", "4.3.2 Shutting down")})
+    session = session_at("ready", answers={ev.MailFrom: lambda e: (421, "4.3.2 Shutting down")})
     out = session.send(b"MAIL FROM:<a@example.com>\r\nNOOP\r\n")
     assert_replies(out, [b"421 4.3.2"])
     assert session.closed
@@ -1185,8 +1185,8 @@ def test_respond_221_or_421_closes() -> None:
 def test_close_queues_last_reply_once() -> None:
     session = session_at("ready")
     conn = session.conn
-    conn.close("421", "4.4.2 Connection timed out", newline_first=True)
-    conn.close("421", "4.4.2 again")
+    conn.close(421, "4.4.2 Connection timed out", newline_first=True)
+    conn.close(421, "4.4.2 again")
     assert conn.data_to_send() == b"\r\n421 4.4.2 Connection timed out\r\n"
     assert conn.next_event() == ev.ConnectionClosed()
 
@@ -1195,7 +1195,7 @@ def test_respond_newline_first() -> None:
     conn = _auth_conn()
     conn.receive_data(b"NOOP\r\n")
     conn.next_event()
-    conn.respond("250", "2.0.0 Ok", newline_first=True)
+    conn.respond(250, "2.0.0 Ok", newline_first=True)
     assert conn.data_to_send() == b"\r\n250 2.0.0 Ok\r\n"
 
 
@@ -1203,7 +1203,7 @@ def test_multiline_respond() -> None:
     conn = _auth_conn()
     conn.receive_data(b"NOOP\r\n")
     conn.next_event()
-    conn.respond("250", "2.0.0 one\r\ntwo")
+    conn.respond(250, "2.0.0 one\r\ntwo")
     assert conn.data_to_send() == b"250-2.0.0 one\r\n250 two\r\n"
 
 
@@ -1216,13 +1216,13 @@ def test_next_event_before_greet_raises() -> None:
 def test_greet_twice_raises() -> None:
     session = Session()
     with pytest.raises(RuntimeError):
-        session.conn.greet("220", "again")
+        session.conn.greet(220, "again")
 
 
 def test_respond_without_event_raises() -> None:
     conn = _auth_conn()
     with pytest.raises(RuntimeError):
-        conn.respond("250", "Ok")
+        conn.respond(250, "Ok")
 
 
 def test_next_event_while_waiting_for_respond_raises() -> None:

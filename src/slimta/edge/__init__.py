@@ -6,8 +6,8 @@ listening socket served by greenlets.
 
 from __future__ import annotations
 
-import socket
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
@@ -15,17 +15,64 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from slimta import logging as slogging
+from slimta.queue import QueueError
+from slimta.relay import RelayError
+from slimta.smtp.reply import Reply
+from slimta.util._hostname import local_fqdn
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
 
-__all__ = ["Edge", "EdgeServer"]
+__all__ = ["Edge", "EdgeServer", "Handoff"]
 
 
 class QueueLike(Protocol):
     """What an edge needs of a queue: anything with ``enqueue()``."""
 
     def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What the queue made of one message, decided once for every edge.
+
+    Built by :meth:`Edge.handoff_result` from the ``(envelope, id_or_error)``
+    list of ``enqueue()`` (or from an exception it raised).
+
+    .. versionadded:: 4.0
+    """
+
+    #: The queue's results as it returned them; empty when it raised.
+    results: list[tuple[Envelope, Any]]
+    #: The id of the first envelope when the queue took the message, else ``None``.
+    queued_as: str | None
+    #: The answer for the client: ``250 2.6.0`` with the id, or the refusal.
+    reply: Reply
+
+    @property
+    def accepted(self) -> bool:
+        """True when the queue took the message."""
+        return self.queued_as is not None
+
+    @classmethod
+    def from_results(cls, results: list[tuple[Envelope, Any]]) -> Handoff:
+        """Classify ``enqueue()`` results by their first entry (spec 5.2)."""
+        outcome = results[0][1] if results else None
+        if isinstance(outcome, QueueError | RelayError):
+            # A QueueError may leave the reply to the edge; a RelayError
+            # (from ProxyQueue) always carries the remote server's.
+            if outcome.reply is not None and outcome.reply.code:
+                return cls(results, None, Reply().copy(outcome.reply))
+            return cls(results, None, _queue_failed())
+        if outcome is None or isinstance(outcome, BaseException):
+            return cls(results, None, _queue_failed())
+        queued_as = str(outcome)
+        reply = Reply("250", f"2.6.0 Message accepted for delivery; queued as {queued_as}")
+        return cls(results, queued_as, reply)
+
+
+def _queue_failed() -> Reply:
+    return Reply("451", "4.3.0 Error queuing message")
 
 
 class Edge:
@@ -40,7 +87,7 @@ class Edge:
 
     def __init__(self, queue: QueueLike, hostname: str | None = None) -> None:
         self.queue = queue
-        self.hostname = hostname or socket.getfqdn()
+        self.hostname = hostname or local_fqdn()
 
     def handoff(self, envelope: Envelope) -> list[tuple[Envelope, Any]]:
         """Stamp *envelope* and give it to the queue.
@@ -55,6 +102,20 @@ class Edge:
         except Exception:
             slogging.log_exception(__name__)
             raise
+
+    def handoff_result(self, envelope: Envelope) -> Handoff:
+        """:meth:`handoff`, its outcome classified: what edges answer from.
+
+        An exception from the queue (logged by :meth:`handoff`) becomes a
+        ``451 4.3.0`` refusal, so that the client is told to try again.
+
+        .. versionadded:: 4.0
+        """
+        try:
+            results = self.handoff(envelope)
+        except Exception:
+            return Handoff([], None, _queue_failed())
+        return Handoff.from_results(results)
 
     def kill(self) -> None:
         """Stop the edge's services (nothing to stop in the base class)."""

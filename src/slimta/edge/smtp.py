@@ -9,15 +9,16 @@ reply.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from gevent.pool import Pool
 
 from slimta import logging as slogging
-from slimta.edge import EdgeServer, QueueLike
+from slimta.edge import EdgeServer, Handoff, QueueLike
 from slimta.envelope import Envelope
 from slimta.logging import getSocketLogger
-from slimta.smtp import ConnectionLost, MessageTooBig
+from slimta.smtp import ConnectionLost
 from slimta.smtp._address import decode_xtext
 from slimta.smtp.reply import Reply
 from slimta.smtp.server import Server
@@ -75,10 +76,14 @@ class SmtpSession:
     )
 
     def __init__(
-        self, address: Any, validator_class: type[SmtpValidators] | None, handoff: Any
+        self,
+        address: Any,
+        validator_class: type[SmtpValidators] | None,
+        handoff: Callable[[Envelope], Handoff],
     ) -> None:
         #: The client's ``(ip, port)``.
         self.address = address
+        #: Gives a received message to the queue: :meth:`Edge.handoff_result`.
         self.handoff = handoff
         #: True after EHLO (rather than HELO).
         self.extended_smtp = False
@@ -227,9 +232,8 @@ class SmtpSession:
         envelope = self.envelope
         self.envelope = None
         if err is not None:
-            if isinstance(err, MessageTooBig):
-                reply.code = "552"
-                reply.message = "5.3.4 Message exceeded size limit"
+            # The core refused the content and chose the reply (552 5.3.4
+            # for a message over SIZE).
             return
         assert data is not None and envelope is not None
         self._hook("handle_have_data", reply, data)
@@ -246,24 +250,9 @@ class SmtpSession:
             "submitter": self.submitter,
         }
         envelope.parse(data)
-        results = self.handoff(envelope)
-        self._reply_from_results(reply, results)
-        self._hook("handle_queued", reply, results)
-
-    @staticmethod
-    def _reply_from_results(reply: Reply, results: list[tuple[Envelope, Any]]) -> None:
-        outcome = results[0][1] if results else None
-        if isinstance(outcome, BaseException) or outcome is None:
-            # QueueError or RelayError (ProxyQueue) carry the reply to send.
-            error_reply = getattr(outcome, "reply", None)
-            if isinstance(error_reply, Reply) and error_reply.code:
-                reply.copy(error_reply)
-            else:
-                reply.code = "451"
-                reply.message = "4.3.0 Error queuing message"
-            return
-        reply.code = "250"
-        reply.message = f"2.6.0 Message accepted for delivery; queued as {outcome}"
+        handoff = self.handoff(envelope)
+        reply.copy(handoff.reply)
+        self._hook("handle_queued", reply, handoff.results)
 
 
 _HOOK_NAMES = (
@@ -364,7 +353,7 @@ class SmtpEdge(EdgeServer):
     def handle(self, socket: Any, address: Any) -> None:
         """Serve one SMTP session on an accepted connection."""
         log.accept(self.server, socket, address)
-        session = SmtpSession(address, self.validator_class, self.handoff)
+        session = SmtpSession(address, self.validator_class, self.handoff_result)
         server = Server(
             socket,
             session,
@@ -382,20 +371,21 @@ class SmtpEdge(EdgeServer):
             server.extensions.add("SIZE", self.max_size)
         if self.ptr_lookup:
             session._start_ptr_lookup(self.ptr_lookup_timeout)
-        self._serve(server, None)
+        self._serve(server)
 
-    def _serve(self, server: Server, woken: bool | None) -> None:
+    @property
+    def parked_sessions(self) -> int:
+        """How many idle sessions wait in the event loop, holding no greenlet."""
+        return len(self._parked)
+
+    def _serve(self, server: Server) -> None:
         # Idle sessions park outside any greenlet, which keeps an idle
         # connection small; only with an unbounded pool, since a parked
         # session gives its pool slot back.
         park_after = self.park_after if self.pool.size is None else None
         parked = False
         try:
-            if woken is None:
-                server._start()
-                parked = server._run(park_after)
-            else:
-                parked = server._resume(woken, park_after)
+            parked = server.serve(park_after)
         except ConnectionLost:
             pass
         except OSError as exc:
@@ -403,26 +393,28 @@ class SmtpEdge(EdgeServer):
         finally:
             if parked:
                 self._parked.add(server)
-                server._park(lambda timed_out: self._wake(server, timed_out))
+                server.park(lambda: self._wake(server))
             else:
-                server.io.close()
-                server.handlers._end_ptr_lookup(None)
+                self._close(server)
 
-    def _wake(self, server: Server, timed_out: bool) -> None:
+    def _wake(self, server: Server) -> None:
         self._parked.discard(server)
-        self.pool.spawn(self._serve_woken, server, timed_out)
+        self.pool.spawn(self._serve_woken, server)
 
-    def _serve_woken(self, server: Server, timed_out: bool) -> None:
+    def _serve_woken(self, server: Server) -> None:
         try:
-            self._serve(server, timed_out)
+            self._serve(server)
         except Exception:
             slogging.log_exception(__name__)
             raise
 
+    @staticmethod
+    def _close(server: Server) -> None:
+        server.io.close()
+        server.handlers._end_ptr_lookup(None)
+
     def _end_idle_sessions(self) -> None:
         parked, self._parked = self._parked, set()
         for server in parked:
-            server._stop_park()
-            server._final_reply(server._conn, "421", "4.3.2 Service shutting down")
-            server.io.close()
-            server.handlers._end_ptr_lookup(None)
+            server.stop()
+            self._close(server)

@@ -37,8 +37,8 @@ _POSTMASTER = re.compile(r"<(postmaster)>", re.IGNORECASE)
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _PREFIX_SPACES = re.compile(r" *")
-_BAD_SENDER = ("501", "5.1.7 Bad sender address syntax")
-_BAD_RECIPIENT = ("501", "5.1.3 Bad recipient address syntax")
+_BAD_SENDER = (501, "5.1.7 Bad sender address syntax")
+_BAD_RECIPIENT = (501, "5.1.3 Bad recipient address syntax")
 #: Standardized-tag of a general address literal (RFC 5321 4.1.3).
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?")
 
@@ -59,7 +59,7 @@ class ArgumentError(ValueError):
     :param message: the reply text, with its enhanced status code.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(f"{code} {message}")
         self.code = code
         self.message = message
@@ -69,7 +69,7 @@ def _split_prefix(arg: str, prefix: str) -> str:
     """Strip ``FROM:`` / ``TO:`` (any case) and optional spaces after it."""
     if arg[: len(prefix)].upper() != prefix:
         raise ArgumentError(
-            "501",
+            501,
             "5.5.4 Syntax: "
             + ("MAIL FROM:<address>" if prefix == "FROM:" else "RCPT TO:<address>"),
         )
@@ -108,7 +108,7 @@ def parse_rcpt_argument(arg: str) -> tuple[str, str]:
     return match.group(1), _after_path(rest, match.end())
 
 
-def _check_literal(address: str, reply: tuple[str, str]) -> None:
+def _check_literal(address: str, reply: tuple[int, str]) -> None:
     """Validate an address literal (RFC 5321 4.1.3), if the domain is one."""
     at = address.rfind("@")
     domain = address[at + 1 :]
@@ -132,7 +132,7 @@ def _check_literal(address: str, reply: tuple[str, str]) -> None:
 def _after_path(rest: str, end: int) -> str:
     tail = rest[end:]
     if tail and tail[0] != " ":
-        raise ArgumentError("501", "5.5.4 Syntax error in parameters or arguments")
+        raise ArgumentError(501, "5.5.4 Syntax error in parameters or arguments")
     return tail.strip(" ")
 
 
@@ -150,10 +150,10 @@ def parse_params(text: str) -> dict[bytes, bytes | bool]:
             continue
         key, eq, value = word.partition("=")
         if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise ArgumentError("501", "5.5.4 Malformed parameter: " + word[:64])
+            raise ArgumentError(501, "5.5.4 Malformed parameter: " + word[:64])
         bkey = key.upper().encode("ascii")
         if bkey in params:
-            raise ArgumentError("501", "5.5.4 Duplicate parameter: " + key.upper())
+            raise ArgumentError(501, "5.5.4 Duplicate parameter: " + key.upper())
         params[bkey] = value.encode("utf-8") if eq else True
     return params
 

@@ -16,6 +16,14 @@ reply received is matched with the oldest command still waiting, so
 pipelined groups (RFC 2920) need no bookkeeping by the adapter. Whether a
 command may wait in a group or must end it is :meth:`ends_group`.
 
+Each send and each reply also moves the session's
+:attr:`~ClientConnection.state`, through the one table of
+:mod:`slimta.smtp._client_state`: a send that would corrupt the session
+(a command while the message data is due, anything between the 220 to
+STARTTLS and :meth:`~ClientConnection.start_tls`, anything after a 221 or
+421) raises :class:`~slimta.smtp._errors.LocalProtocolError` and queues
+nothing.
+
 The module also holds the rules a client applies to what it sends:
 
 * message data: line endings normalised to CRLF, then dot-stuffing, then
@@ -38,8 +46,20 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
+from slimta.smtp._client_state import (
+    BDAT_LAST,
+    REPLY_CLASS,
+    SENT,
+    ST_CLOSED,
+    ST_CONNECTED,
+    ST_TLS,
+    START_TLS,
+    UNSOLICITED,
+    State,
+    next_state,
+)
+from slimta.smtp._extensions import Extensions
 from slimta.smtp._reply import ParsedReply, ReplyParser
-from slimta.smtp.extensions import Extensions
 
 __all__ = [
     "CLEARTEXT_MECHANISMS",
@@ -65,9 +85,9 @@ __all__ = [
 
 #: Local refusal of a non-ASCII address to a server without SMTPUTF8
 #: (RFC 6531 3.2; Postfix uses the same code and wording).
-SMTPUTF8_REQUIRED = ("553", "5.6.7 Must declare SMTPUTF8 to send unicode address")
+SMTPUTF8_REQUIRED = (553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
 #: Local refusal of 8-bit content that cannot be made 7-bit (RFC 3463 5.6.3).
-CONVERSION_NOT_ALLOWED = ("554", "5.6.3 Conversion not allowed")
+CONVERSION_NOT_ALLOWED = (554, "5.6.3 Conversion not allowed")
 
 #: Commands that must end a pipelined group (RFC 2920 3.1); BDAT chunks may
 #: be pipelined (RFC 3030 4) and are not listed here.
@@ -271,7 +291,7 @@ _MECHANISM_NAME = re.compile(rb"[A-Z0-9_-]{1,20}\Z")
 
 def choose_mechanism(
     advertised: str | None, encrypted: bool, requested: bytes | str | None = None
-) -> bytes | tuple[str, str]:
+) -> bytes | tuple[int, str]:
     """Pick a SASL mechanism among those the server advertised.
 
     :param advertised: the parameter of the EHLO ``AUTH`` keyword.
@@ -289,14 +309,14 @@ def choose_mechanism(
         name = requested.encode("ascii") if isinstance(requested, str) else requested
         name = name.upper()
         if name not in offered or name not in CLIENT_MECHANISMS:
-            return ("504", "5.5.4 Authentication mechanism not advertised or not supported")
+            return (504, "5.5.4 Authentication mechanism not advertised or not supported")
         if name in CLEARTEXT_MECHANISMS and not encrypted:
-            return ("538", "5.7.11 Encryption required for requested authentication mechanism")
+            return (538, "5.7.11 Encryption required for requested authentication mechanism")
         return name
     for name in CLIENT_MECHANISMS:
         if name in offered and (encrypted or name not in CLEARTEXT_MECHANISMS):
             return name
-    return ("504", "5.5.4 No usable authentication mechanism advertised")
+    return (504, "5.5.4 No usable authentication mechanism advertised")
 
 
 def auth_argument(mechanism: bytes, initial_response: bytes | None = None) -> bytes:
@@ -337,7 +357,7 @@ class ClientConnection:
         the adapter (the core reads it when deciding on pipelining).
     """
 
-    __slots__ = ("_out", "_parser", "_pending", "extensions")
+    __slots__ = ("_out", "_parser", "_pending", "_state", "extensions")
 
     def __init__(self, extensions: Extensions | None = None) -> None:
         #: What the server advertised in its last EHLO (or LHLO) reply.
@@ -345,6 +365,18 @@ class ClientConnection:
         self._parser = ReplyParser()
         self._pending: deque[bytes] = deque()
         self._out: list[bytes] = []
+        self._state = ST_CONNECTED
+
+    @property
+    def state(self) -> State:
+        """Where the session is (:mod:`slimta.smtp._client_state`)."""
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        """True once the server said 221 or 421, or answered QUIT: nothing
+        more may be sent."""
+        return self._state is ST_CLOSED
 
     # ----------------------------------------------------------- outgoing
     @property
@@ -367,6 +399,7 @@ class ClientConnection:
         """Queue a command line; one reply is expected for it.
 
         :raises ValueError: an invalid verb, or a line break in *arg*.
+        :raises LocalProtocolError: no command may be sent in this state.
         """
         if command not in _KNOWN_VERBS:
             if _VERB.match(command) is None:
@@ -374,30 +407,49 @@ class ClientConnection:
             command_key = command.upper()
         else:
             command_key = command
+        state = next_state(self._state, command_key, SENT)
         if arg is None:
             self._out.append(command + b"\r\n")
         else:
             self._out.append(command + b" " + _check_arg(arg) + b"\r\n")
         self._pending.append(command_key)
+        self._state = state
 
     def send_line(self, line: bytes, command: bytes) -> None:
-        """Queue an SASL response line; one reply (``334`` or final) follows.
+        """Queue an SASL line (the AUTH command, or a response to a ``334``
+        challenge); one reply (``334`` or final) follows.
 
         :raises ValueError: a line break in *line*.
+        :raises LocalProtocolError: *command* may not be sent in this state.
         """
+        state = next_state(self._state, command, SENT)
         self._out.append(_check_arg(line) + b"\r\n")
         self._pending.append(command)
+        self._state = state
 
     def send_data(self, data: bytes, command: bytes = b"[SEND_DATA]", replies: int = 1) -> None:
         """Queue already-encoded data (dot-stuffed, or a BDAT frame).
 
+        The reply to a ``BDAT <n> LAST`` frame is matched with ``b'BDAT LAST'``.
+
         :param replies: how many replies it draws (LMTP: one per recipient).
+        :raises LocalProtocolError: the data may not be sent in this state
+            (dot-stuffed data goes only after DATA was answered).
         """
+        if command == b"BDAT" and _is_last_chunk(data):
+            command = BDAT_LAST
+        state = next_state(self._state, command, SENT)
         self._out.append(data)
         self._pending.extend([command] * replies)
+        self._state = state
 
     def expect(self, command: bytes) -> None:
-        """Wait for a reply nothing was sent for (banner, unsolicited reply)."""
+        """Wait for a reply nothing was sent for (banner, unsolicited reply).
+
+        :raises LocalProtocolError: no reply may be awaited in this state,
+            or the banner is awaited after anything else.
+        """
+        self._state = next_state(self._state, command, SENT)
         self._pending.append(command)
 
     def data_to_send(self) -> bytes:
@@ -426,23 +478,42 @@ class ClientConnection:
 
         A reply with no command waiting is matched with ``b'[UNSOLICITED]'``.
 
+        Between the ``220`` to STARTTLS and :meth:`start_tls` it is always
+        ``None``: bytes received then may have been injected, and are kept
+        for :meth:`start_tls` to drop, never parsed.
+
         :raises ReplySyntaxError: the bytes are not a valid reply.
         """
+        state = self._state
+        if state is ST_TLS:
+            return None
         reply = self._parser.next_reply()
         if reply is None:
             return None
-        command = self._pending.popleft() if self._pending else b"[UNSOLICITED]"
+        command = self._pending.popleft() if self._pending else UNSOLICITED
+        self._state = next_state(state, command, REPLY_CLASS[reply.code])
         return command, reply
 
     def start_tls(self) -> bytes:
         """Forget all state that must not survive a TLS upgrade.
 
-        Bytes received after the ``220`` to STARTTLS came in plaintext and may
-        have been injected (CVE-2021-38371): they are dropped and returned.
-        The extensions are cleared too; the client must EHLO again
-        (RFC 3207 4.2).
+        Call it after the ``220`` to STARTTLS, or before anything else for
+        implicit TLS (RFC 8314). Bytes received after the ``220`` came in
+        plaintext and may have been injected (CVE-2021-38371): they are
+        dropped and returned. The extensions are cleared too; the client
+        must EHLO again (RFC 3207 4.2).
+
+        :raises LocalProtocolError: at any other time.
         """
+        self._state = next_state(self._state, START_TLS, SENT)
         self._pending.clear()
         self._out.clear()
-        self.extensions = Extensions()
+        # A new registry of the caller's class (the public subclass, say).
+        self.extensions = type(self.extensions)()
         return self._parser.take_buffered()
+
+
+def _is_last_chunk(frame: bytes) -> bool:
+    # "BDAT <n> LAST" (RFC 3030 2); the keyword is case-insensitive.
+    end = frame.find(b"\r\n", 0, 64)
+    return end != -1 and frame[:end].upper().endswith(b" LAST")

@@ -1,6 +1,7 @@
 """Events the server core reports: what the client did.
 
-Each command event waits for an answer: the caller decides on a reply and
+Events are immutable; parameters come as read-only mappings. Each command
+event waits for an answer: the caller decides on a reply and
 passes it to :meth:`slimta.smtp._server.ServerConnection.respond`. The core
 answers protocol errors (bad syntax, bad sequence, limits) itself and does
 not report them as events.
@@ -8,7 +9,8 @@ not report them as events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 __all__ = [
     "Auth",
@@ -39,36 +41,36 @@ class Event:
     __slots__ = ()
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class NeedData(Event):
     """No complete command is buffered: send pending output, then read more."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed(Event):
     """The session is over (QUIT, a 421, too many errors or end of input)."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Ehlo(Event):
     """``EHLO name``: default answer 250 plus the extension list."""
 
     name: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Helo(Event):
     """``HELO name``: default answer 250."""
 
     name: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class StartTls(Event):
     """``STARTTLS`` (RFC 3207): answer 220, then the caller starts TLS."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Auth(Event):
     """``AUTH mechanism [initial-response]`` (RFC 4954).
 
@@ -81,36 +83,38 @@ class Auth(Event):
     initial_response: str | None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class AuthResponse(Event):
     """One client line of a SASL exchange, as sent (base64 text or ``*``)."""
 
     line: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class AuthAborted(Event):
     """The core ended a SASL exchange itself (an unusable line); it has
     already answered, so no :meth:`respond` is due."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class MailFrom(Event):
     """``MAIL FROM:<address> params``; ``address`` is ``''`` for ``<>``."""
 
     address: str
-    params: dict[bytes, bytes | bool] = field(hash=False)
+    #: Upper-cased keyword to value, ``True`` for a keyword without one.
+    params: Mapping[bytes, bytes | bool]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RcptTo(Event):
     """``RCPT TO:<address> params``."""
 
     address: str
-    params: dict[bytes, bytes | bool] = field(hash=False)
+    #: Upper-cased keyword to value, ``True`` for a keyword without one.
+    params: Mapping[bytes, bytes | bool]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Data(Event):
     """``DATA``, or the first ``BDAT`` of a transaction when ``chunking``.
 
@@ -120,7 +124,7 @@ class Data(Event):
     chunking: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class MessageReceived(Event):
     """The whole message content arrived (end of DATA or ``BDAT ... LAST``)."""
 
@@ -128,7 +132,7 @@ class MessageReceived(Event):
     data: bytes
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class MessageRefused(Event):
     """The content ended but the core refuses it (size, bare CR/LF, long line).
 
@@ -136,36 +140,42 @@ class MessageRefused(Event):
     refusal apart from the others.
     """
 
-    code: str
+    code: int
     message: str
     too_big: bool
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Rset(Event):
     """``RSET``."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Noop(Event):
     """``NOOP``."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Quit(Event):
     """``QUIT``."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Vrfy(Event):
     """``VRFY string``: default answer 252 (RFC 5321 3.5.3)."""
 
     argument: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class UnknownCommand(Event):
-    """A well-formed command line with a verb the core does not know."""
+    """A well-formed command line with a verb the core does not know.
+
+    ``code`` and ``message`` are the suggested reply: ``502`` for a verb of
+    RFC 5321 that is not implemented here, ``500`` for anything else.
+    """
 
     verb: str
     argument: str | None
+    code: int = 500
+    message: str = "5.5.1 Command unrecognized"

@@ -20,7 +20,7 @@ MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 256
 
 
-def format_reply(code: str, message: str, newline_first: bool = False) -> bytes:
+def format_reply(code: int, message: str, newline_first: bool = False) -> bytes:
     """Serialise a reply; line breaks in *message* make a multi-line reply.
 
     Every line of the text becomes its own ``CODE-`` continuation line, so no
@@ -51,8 +51,8 @@ class ReplySyntaxError(ValueError):
 class ParsedReply:
     """One complete reply received from a server."""
 
-    #: The three-digit code, e.g. ``'250'``.
-    code: str
+    #: The three-digit code, e.g. ``250``.
+    code: int
     #: The text of every line, joined with CRLF (enhanced codes left in place).
     message: str
     #: The text of each line, in order.
@@ -114,7 +114,7 @@ class ReplyParser:
             if self._code is None:
                 if separator != b"-":
                     # A whole reply in one line: the usual case.
-                    return ParsedReply(code.decode("ascii"), text, (text,))
+                    return ParsedReply(int(code), text, (text,))
             elif code != self._code:
                 raise ReplySyntaxError(line)
             self._code = code
@@ -125,4 +125,4 @@ class ReplyParser:
                 lines = tuple(self._lines)
                 self._lines = []
                 self._code = None
-                return ParsedReply(code.decode("ascii"), "\r\n".join(lines), lines)
+                return ParsedReply(int(code), "\r\n".join(lines), lines)

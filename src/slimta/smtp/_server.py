@@ -3,7 +3,7 @@
 Usage by an adapter::
 
     conn = ServerConnection(extensions, max_size=...)
-    conn.greet("220", "mx.example.org ESMTP")
+    conn.greet(220, "mx.example.org ESMTP")
     while True:
         event = conn.next_event()
         if isinstance(event, NeedData):
@@ -23,6 +23,8 @@ an adapter that flushes on :class:`NeedData` batches pipelined replies
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from slimta.smtp import _events as ev
 from slimta.smtp._address import (
@@ -34,10 +36,28 @@ from slimta.smtp._address import (
     parse_rcpt_argument,
 )
 from slimta.smtp._buffer import LINE_TOO_LONG, ReceiveBuffer
+from slimta.smtp._errors import LocalProtocolError
+from slimta.smtp._extensions import Extensions
 from slimta.smtp._reply import format_reply
 from slimta.smtp._state import (
     ALLOWED,
     KNOWN_VERBS,
+    MV_ANSWER,
+    MV_AUTH_END,
+    MV_CHALLENGE,
+    MV_CHUNK,
+    MV_CHUNK_END,
+    MV_CLOSE,
+    MV_CONTENT_END,
+    MV_DATA,
+    MV_GREET_OPEN,
+    MV_GREET_REFUSE,
+    MV_HELLO,
+    MV_MAIL,
+    MV_RCPT,
+    MV_RSET,
+    MV_TLS,
+    MV_VERDICT,
     ST_AUTH,
     ST_BDAT,
     ST_CLOSED,
@@ -45,13 +65,11 @@ from slimta.smtp._state import (
     ST_GREETING,
     ST_HELLO,
     ST_MAIL,
-    ST_NO_SERVICE,
     ST_RCPT,
     ST_READY,
-    State,
-    after_success,
+    Move,
+    next_state,
 )
-from slimta.smtp.extensions import Extensions
 
 __all__ = ["ServerConnection"]
 
@@ -72,40 +90,48 @@ _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+\Z")
 _NOTIFY_WORDS = frozenset({b"SUCCESS", b"FAILURE", b"DELAY"})
 _ADDR_TYPE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9\-]*")
 
-_R_SYNTAX = ("500", "5.5.2 Syntax error, command unrecognized")
-_R_TOO_LONG = ("500", "5.5.2 Line too long")
-_R_BAD_CHARS = ("500", "5.5.2 Invalid characters in command")
-_R_BAD_UTF8 = ("500", "5.5.2 Invalid UTF-8 in command")
-_R_BARE_NEWLINE = ("500", "5.5.2 Bare CR or LF not allowed")
-_R_NEED_ARG = ("501", "5.5.4 Syntax error in parameters or arguments")
-_R_NO_ARG = ("501", "5.5.4 Command takes no argument")
-_R_NEED_HELLO = ("503", "5.5.1 Bad sequence of commands: send EHLO or HELO first")
-_R_NESTED_MAIL = ("503", "5.5.1 Bad sequence of commands: nested MAIL command")
-_R_NEED_MAIL = ("503", "5.5.1 Bad sequence of commands: need MAIL command")
-_R_NEED_RCPT = ("503", "5.5.1 Bad sequence of commands: need RCPT command")
-_R_SEQUENCE = ("503", "5.5.1 Bad sequence of commands")
-_R_NOT_OFFERED = ("502", "5.5.1 Command not implemented")
-_R_TLS_ACTIVE = ("503", "5.5.1 TLS already active")
-_R_AUTHED = ("503", "5.5.1 Already authenticated")
-_R_AUTH_TOO_LONG = ("500", "5.5.6 Authentication exchange line is too long")
-_R_AUTH_BAD_LINE = ("501", "5.5.2 Invalid authentication response")
-_R_BDAT_SYNTAX = ("521", "5.5.4 Syntax: BDAT count [LAST]; closing connection")
-_R_DATA_AFTER_BDAT = ("503", "5.5.1 Bad sequence of commands: DATA after BDAT")
-_R_BINARY_DATA = ("503", "5.5.1 Bad sequence of commands: BODY=BINARYMIME needs BDAT")
-_R_TOO_MANY_RCPTS = ("452", "4.5.3 Too many recipients")
-_R_TOO_MANY_ERRORS = ("421", "4.7.0 Too many errors, closing connection")
-_R_UTF8_ADDRESS = ("553", "5.6.7 Must declare SMTPUTF8 to send unicode address")
-_R_SIZE_SYNTAX = ("501", "5.5.4 Bad message size syntax")
-_R_BODY = ("501", "5.5.4 Unsupported BODY type")
-_R_RET = ("501", "5.5.4 Bad RET parameter syntax")
-_R_ENVID = ("501", "5.5.4 Bad ENVID parameter syntax")
-_R_NOTIFY = ("501", "5.5.4 Bad NOTIFY parameter syntax")
-_R_ORCPT = ("501", "5.5.4 Bad ORCPT parameter syntax")
-_R_AUTH_PARAM = ("501", "5.5.4 Bad AUTH parameter syntax")
-_R_TOO_BIG_CHUNK = ("552", "5.3.4 Message size exceeds fixed limit")
-_R_TOO_BIG = ("552", "5.3.4 Message size exceeds fixed limit")
-_R_BARE_IN_DATA = ("550", "5.5.2 Message contains bare CR or LF characters")
-_R_LONG_DATA_LINE = ("554", "5.6.0 Message contains a line longer than 998 octets")
+_R_SYNTAX = (500, "5.5.2 Syntax error, command unrecognized")
+_R_TOO_LONG = (500, "5.5.2 Line too long")
+_R_BAD_CHARS = (500, "5.5.2 Invalid characters in command")
+_R_BAD_UTF8 = (500, "5.5.2 Invalid UTF-8 in command")
+_R_BARE_NEWLINE = (500, "5.5.2 Bare CR or LF not allowed")
+_R_UNRECOGNIZED = (500, "5.5.1 Command unrecognized")
+_R_NEED_ARG = (501, "5.5.4 Syntax error in parameters or arguments")
+_R_NO_ARG = (501, "5.5.4 Command takes no argument")
+_R_NEED_HELLO = (503, "5.5.1 Bad sequence of commands: send EHLO or HELO first")
+_R_NESTED_MAIL = (503, "5.5.1 Bad sequence of commands: nested MAIL command")
+_R_NEED_MAIL = (503, "5.5.1 Bad sequence of commands: need MAIL command")
+_R_NEED_RCPT = (503, "5.5.1 Bad sequence of commands: need RCPT command")
+_R_SEQUENCE = (503, "5.5.1 Bad sequence of commands")
+_R_NOT_IMPLEMENTED = (502, "5.5.1 Command not implemented")
+_R_TLS_ACTIVE = (503, "5.5.1 TLS already active")
+_R_AUTHED = (503, "5.5.1 Already authenticated")
+_R_AUTH_TOO_LONG = (500, "5.5.6 Authentication exchange line is too long")
+_R_AUTH_BAD_LINE = (501, "5.5.2 Invalid authentication response")
+_R_AUTH_SYNTAX = (501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+_R_STARTTLS_SYNTAX = (501, "5.5.4 Syntax: STARTTLS")
+_R_BDAT_SYNTAX = (521, "5.5.4 Syntax: BDAT count [LAST]; closing connection")
+_R_DATA_AFTER_BDAT = (503, "5.5.1 Bad sequence of commands: DATA after BDAT")
+_R_BINARY_DATA = (503, "5.5.1 Bad sequence of commands: BODY=BINARYMIME needs BDAT")
+_R_TOO_MANY_RCPTS = (452, "4.5.3 Too many recipients")
+_R_TOO_MANY_ERRORS = (421, "4.7.0 Too many errors, closing connection")
+_R_UTF8_ADDRESS = (553, "5.6.7 Must declare SMTPUTF8 to send unicode address")
+_R_SIZE_SYNTAX = (501, "5.5.4 Bad message size syntax")
+_R_BODY = (501, "5.5.4 Unsupported BODY type")
+_R_SMTPUTF8_VALUE = (501, "5.5.4 SMTPUTF8 takes no value")
+_R_RET = (501, "5.5.4 Bad RET parameter syntax")
+_R_ENVID = (501, "5.5.4 Bad ENVID parameter syntax")
+_R_NOTIFY = (501, "5.5.4 Bad NOTIFY parameter syntax")
+_R_ORCPT = (501, "5.5.4 Bad ORCPT parameter syntax")
+_R_AUTH_PARAM = (501, "5.5.4 Bad AUTH parameter syntax")
+#: A message over the SIZE limit, whether it came by DATA or BDAT.
+_R_TOO_BIG = (552, "5.3.4 Message exceeded size limit")
+_R_BARE_IN_DATA = (550, "5.5.2 Message contains bare CR or LF characters")
+_R_LONG_DATA_LINE = (554, "5.6.0 Message contains a line longer than 998 octets")
+
+#: Commands of RFC 5321 and its forerunners that this server does not
+#: implement: 502, where any other unknown verb gets 500 (RFC 5321 4.2.4).
+_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 _NEED_DATA = ev.NeedData()
 _CLOSED = ev.ConnectionClosed()
@@ -116,6 +142,8 @@ _STARTTLS = ev.StartTls()
 _DATA = ev.Data()
 _DATA_CHUNKING = ev.Data(chunking=True)
 _AUTH_ABORTED = ev.AuthAborted()
+_NO_PARAMS: Mapping[bytes, bytes | bool] = MappingProxyType({})
+_AUTH_EVENTS = (ev.Auth, ev.AuthResponse)
 
 
 class ServerConnection:
@@ -124,20 +152,23 @@ class ServerConnection:
     :param extensions: what EHLO advertises; the core reads it at the time of
         each command, so callers may change it during the session. Keywords
         the core acts on: SIZE, 8BITMIME, SMTPUTF8, CHUNKING, BINARYMIME,
-        STARTTLS, AUTH, PIPELINING.
+        STARTTLS, AUTH, PIPELINING, DSN.
     :param max_recipients: accepted RCPTs per transaction; more get 452 4.5.3.
     :param max_errors: protocol errors per session before 421 4.7.0.
     :param data_line_limit: longest DATA text line, CRLF excluded.
     :param encrypted: the connection is already under TLS.
+
+    Reply codes are ``int`` throughout. Misuse by the caller (a reply with
+    no event waiting, a second greeting) raises
+    :class:`~slimta.smtp._errors.LocalProtocolError`.
     """
 
     __slots__ = (
         "_bare",
-        "_bdat_last",
-        "_bdat_remaining",
-        "_bdat_reply",
         "_binary",
         "_buf",
+        "_chunk_last",
+        "_chunk_remaining",
         "_chunking",
         "_eof",
         "_failed",
@@ -146,10 +177,9 @@ class ServerConnection:
         "_out",
         "_parts",
         "_pending",
-        "_pending_verb",
         "_rcpt_count",
-        "_return_state",
         "_size",
+        "_skip_reply",
         "_too_big",
         "_utf8",
         "authenticated",
@@ -172,9 +202,9 @@ class ServerConnection:
     _bare: bool
     _longest: int
     _parts: list[bytes]
-    _bdat_remaining: int
-    _bdat_last: bool
-    _bdat_reply: tuple[str, str] | None
+    _chunk_remaining: int
+    _chunk_last: bool
+    _skip_reply: tuple[int, str] | None
 
     def __init__(
         self,
@@ -195,14 +225,13 @@ class ServerConnection:
         self.authenticated = False
         #: Protocol errors counted so far.
         self.errors = 0
-        #: Where the session is; see :mod:`slimta.smtp._state`.
+        #: Where the session is; only :meth:`_move` changes it, through
+        #: :data:`slimta.smtp._state.TRANSITIONS`.
         self.state = ST_GREETING
         self._buf = ReceiveBuffer()
         self._out: list[bytes] = []
         self._eof = False
         self._pending: ev.Event | None = None
-        self._pending_verb = ""
-        self._return_state = ST_READY
         self._max_size: int | None = None
         self._reset_transaction()
 
@@ -228,100 +257,66 @@ class ServerConnection:
         """True once the session is over; flush :meth:`data_to_send` and close."""
         return self.state is ST_CLOSED
 
-    # ------------------------------------------------------------ decisions
-    def greet(self, code: str, message: str) -> None:
-        """Send the greeting; only 220 opens the session (RFC 5321 3.1)."""
-        self._require_state(ST_GREETING)
-        self._queue(code, message)
-        if code == "220":
-            self.state = ST_HELLO
-        elif code in ("221", "421"):
-            self.state = ST_CLOSED
-        else:
-            self.state = ST_NO_SERVICE
+    @property
+    def receiving_content(self) -> bool:
+        """True while message content (DATA or an accepted BDAT chunk) is read."""
+        state = self.state
+        return state is ST_DATA or state is ST_BDAT
 
-    def respond(self, code: str, message: str, newline_first: bool = False) -> None:
+    # ------------------------------------------------------------ decisions
+    def greet(self, code: int, message: str) -> None:
+        """Send the greeting; only 220 opens the session (RFC 5321 3.1)."""
+        if self.state is not ST_GREETING:
+            raise LocalProtocolError(f"greet() in state {self.state.name}")
+        _check_code(code)
+        self._queue(code, message)
+        if code == 220:
+            self._move(MV_GREET_OPEN)
+        elif code == 221 or code == 421:
+            self._move(MV_CLOSE)
+        else:
+            self._move(MV_GREET_REFUSE)
+
+    def respond(self, code: int, message: str, newline_first: bool = False) -> None:
         """Answer the event last returned by :meth:`next_event`.
 
-        A 221 or 421 ends the session; a positive reply moves the session on.
+        A 221 or 421 ends the session; what else the reply does depends on
+        the command it answers and on its code (see :mod:`._state`).
         """
         event = self._pending
         if event is None:
-            raise RuntimeError("respond() without an event waiting for a reply")
-        if len(code) != 3 or code[0] not in "12345" or not code.isascii() or not code.isdigit():
-            raise ValueError(f"invalid SMTP reply code {code!r}")
+            raise LocalProtocolError("respond() without an event waiting for a reply")
+        _check_code(code)
         self._pending = None
-        verb = self._pending_verb
-        if code == "221" or code == "421":
+        if code == 221 or code == 421:
             self._queue(code, message, newline_first)
-            self.state = ST_CLOSED
+            self._move(MV_CLOSE)
             return
-        positive = code[0] in "23"
-        if verb == "DATA":
-            if event is _DATA_CHUNKING:
-                self._answer_first_chunk(code, message)
-                return
-            if event is not _DATA:
-                # The verdict on a message: the transaction is over either way.
-                self._queue(code, message, newline_first)
-                self._end_transaction()
-                return
-            if positive:
-                self._buf.start_data()
-                self._max_size = self.extensions.getparam("SIZE", int)
-        elif verb == "AUTH":
-            self._queue(code, message, newline_first)
-            self.state = ST_READY
-            if code == "235":
-                self.authenticated = True
-            elif code[0] == "5":
-                self._count_error()
-            return
-        elif not positive:
-            self._queue(code, message, newline_first)
-            if verb not in KNOWN_VERBS and code[0] == "5":
-                self._count_error()
-            return
-        elif verb == "MAIL":
-            params = event.params  # type: ignore[attr-defined]
-            self._utf8 = b"SMTPUTF8" in params
-            body = params.get(b"BODY")
-            self._binary = body is not None and body is not True and body.upper() == b"BINARYMIME"
-        elif verb == "RCPT":
-            self._rcpt_count += 1
-        elif verb == "EHLO":
-            if code == "250":
-                message = self.extensions.build_string(message)
-            self._reset_transaction()
-        elif verb in ("HELO", "RSET"):
-            self._reset_transaction()
-        elif verb == "STARTTLS":
-            self._queue(code, message, newline_first)
-            if code == "220":
-                self._start_tls()
-            return
-        self._queue(code, message, newline_first)
-        if positive:
-            self.state = after_success(verb, self.state)
+        _RESPONDERS[event.__class__](self, event, code, message, newline_first)
 
     def challenge(self, text: str) -> None:
         """Send a ``334`` SASL challenge (base64 *text*) and await its answer.
 
-        Valid only while an :class:`~slimta.smtp._events.Auth` event waits.
+        Valid only while an :class:`~slimta.smtp._events.Auth` or
+        :class:`~slimta.smtp._events.AuthResponse` event waits.
         """
-        if self._pending_verb != "AUTH" or self._pending is None:
-            raise RuntimeError("challenge() outside an AUTH exchange")
+        event = self._pending
+        if event.__class__ not in _AUTH_EVENTS:
+            raise LocalProtocolError("challenge() outside an AUTH exchange")
         self._pending = None
         # RFC 4954 4: "334" SP [base64], the space even when the text is empty.
         self._out.append(b"334 " + text.encode("ascii") + b"\r\n")
-        self.state = ST_AUTH
+        self._move(MV_CHALLENGE)
 
-    def close(self, code: str, message: str, newline_first: bool = False) -> None:
-        """Queue a last reply (timeout, shutdown, failure) and end the session."""
+    def close(self, code: int, message: str, newline_first: bool = False) -> None:
+        """Queue a last reply (timeout, shutdown, failure) and end the session.
+
+        Does nothing once the session is over.
+        """
         self._pending = None
         if self.state is not ST_CLOSED:
             self._queue(code, message, newline_first)
-            self.state = ST_CLOSED
+            self._move(MV_CLOSE)
 
     def count_error(self) -> None:
         """Count a failure decided by the caller (e.g. a refused AUTH)."""
@@ -331,14 +326,18 @@ class ServerConnection:
     def next_event(self) -> ev.Event:
         """The next thing the client did, or :class:`NeedData`/:class:`ConnectionClosed`."""
         if self._pending is not None:
-            raise RuntimeError(f"{self._pending!r} is still waiting for respond()")
+            raise LocalProtocolError(f"{self._pending!r} is still waiting for respond()")
         while True:
             state = self.state
             if state is ST_CLOSED:
                 return _CLOSED
             if state is ST_GREETING:
-                raise RuntimeError("greet() must come first")
-            if state is ST_DATA:
+                raise LocalProtocolError("greet() must come first")
+            if self._skip_reply is not None:
+                if self._skip_chunk():
+                    continue
+                event = None
+            elif state is ST_DATA:
                 event = self._next_data_event()
             elif state is ST_BDAT:
                 event = self._next_bdat_event()
@@ -361,7 +360,7 @@ class ServerConnection:
             if self.state is not state:
                 continue
             if self._eof:
-                self.state = ST_CLOSED
+                self._move(MV_CLOSE)
                 return _CLOSED
             return _NEED_DATA
 
@@ -389,7 +388,8 @@ class ServerConnection:
             # The chunk octets follow whatever the verdict: parse first.
             return self._bdat_command(arg)
         if verb not in KNOWN_VERBS:
-            return self._expect(verb, ev.UnknownCommand(verb, arg or None))
+            code, message = _R_NOT_IMPLEMENTED if verb in _NOT_IMPLEMENTED else _R_UNRECOGNIZED
+            return self._expect(ev.UnknownCommand(verb, arg or None, code, message))
         if self.state not in ALLOWED[verb]:
             self._sequence_error(verb)
             return None
@@ -406,7 +406,7 @@ class ServerConnection:
                 self._error(*_R_BAD_UTF8)
             return None
         if self.state is ST_AUTH:
-            return self._auth_line(line)
+            return self._expect(ev.AuthResponse(line))
         if _CONTROL.search(line):
             if self._refuse_bdat(raw):
                 return None
@@ -420,30 +420,26 @@ class ServerConnection:
             self._error(*_R_SYNTAX)
         return match
 
-    def _expect(self, verb: str, event: ev.Event) -> ev.Event:
+    def _expect(self, event: ev.Event) -> ev.Event:
         self._pending = event
-        self._pending_verb = verb
         return event
 
-    def _hello(self, arg: str | None, verb: str) -> ev.Event | None:
+    def _hello(self, arg: str | None, extended: bool) -> ev.Event | None:
         if not arg:
             self._error(*_R_NEED_ARG)
             return None
-        return self._expect(verb, ev.Ehlo(arg) if verb == "EHLO" else ev.Helo(arg))
+        return self._expect(ev.Ehlo(arg) if extended else ev.Helo(arg))
 
     def _ehlo(self, arg: str | None) -> ev.Event | None:
-        return self._hello(arg, "EHLO")
+        return self._hello(arg, True)
 
     def _helo(self, arg: str | None) -> ev.Event | None:
-        return self._hello(arg, "HELO")
+        return self._hello(arg, False)
 
     def _mail(self, arg: str | None) -> ev.Event | None:
         simple = SIMPLE_MAIL.match(arg) if arg else None
         if simple is not None:
-            event: ev.Event = ev.MailFrom(simple.group(1), {})
-            self._pending = event
-            self._pending_verb = "MAIL"
-            return event
+            return self._expect(ev.MailFrom(simple.group(1), _NO_PARAMS))
         try:
             address, rest = parse_mail_argument(arg or "")
             params = parse_params(rest)
@@ -453,7 +449,7 @@ class ServerConnection:
         except ArgumentError as exc:
             self._error(exc.code, exc.message)
             return None
-        return self._expect("MAIL", ev.MailFrom(address, params))
+        return self._expect(ev.MailFrom(address, MappingProxyType(params)))
 
     def _check_mail_params(self, params: dict[bytes, bytes | bool]) -> None:
         ext = self.extensions
@@ -463,7 +459,7 @@ class ServerConnection:
                     raise ArgumentError(*_R_SIZE_SYNTAX)
                 limit = ext.getparam("SIZE", int)
                 if limit and int(value) > limit:
-                    raise ArgumentError("552", f"5.3.4 Message size exceeds {limit} limit")
+                    raise ArgumentError(552, f"5.3.4 Message size exceeds {limit} limit")
             elif key == b"BODY" and "8BITMIME" in ext:
                 body = value.upper() if value is not True else b""  # type: ignore[union-attr]
                 binary_ok = "CHUNKING" in ext and "BINARYMIME" in ext
@@ -471,7 +467,7 @@ class ServerConnection:
                     raise ArgumentError(*_R_BODY)
             elif key == b"SMTPUTF8" and "SMTPUTF8" in ext:
                 if value is not True:
-                    raise ArgumentError("501", "5.5.4 SMTPUTF8 takes no value")
+                    raise ArgumentError(*_R_SMTPUTF8_VALUE)
             elif key == b"RET" and "DSN" in ext:
                 # RFC 3461 4.3
                 if value is True or value.upper() not in (b"FULL", b"HDRS"):  # type: ignore[union-attr]
@@ -486,7 +482,7 @@ class ServerConnection:
                     raise ArgumentError(*_R_AUTH_PARAM)
             else:
                 name = key.decode("ascii")
-                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+                raise ArgumentError(555, f"5.5.4 Unsupported parameter: {name}")
 
     def _check_rcpt_params(self, params: dict[bytes, bytes | bool]) -> None:
         dsn = "DSN" in self.extensions
@@ -507,15 +503,12 @@ class ServerConnection:
                     raise ArgumentError(*_R_ORCPT)
             else:
                 name = key.decode("ascii")
-                raise ArgumentError("555", f"5.5.4 Unsupported parameter: {name}")
+                raise ArgumentError(555, f"5.5.4 Unsupported parameter: {name}")
 
     def _rcpt(self, arg: str | None) -> ev.Event | None:
         simple = SIMPLE_RCPT.match(arg) if arg else None
         if simple is not None and self._rcpt_count < self.max_recipients:
-            event: ev.Event = ev.RcptTo(simple.group(1), {})
-            self._pending = event
-            self._pending_verb = "RCPT"
-            return event
+            return self._expect(ev.RcptTo(simple.group(1), _NO_PARAMS))
         try:
             address, rest = parse_rcpt_argument(arg or "")
             params = parse_params(rest)
@@ -528,7 +521,7 @@ class ServerConnection:
         if self._rcpt_count >= self.max_recipients:
             self._queue(*_R_TOO_MANY_RCPTS)
             return None
-        return self._expect("RCPT", ev.RcptTo(address, params))
+        return self._expect(ev.RcptTo(address, MappingProxyType(params)))
 
     def _data(self, arg: str | None) -> ev.Event | None:
         if arg:
@@ -540,62 +533,61 @@ class ServerConnection:
         if self._binary:
             self._error(*_R_BINARY_DATA)
             return None
-        return self._expect("DATA", _DATA)
+        return self._expect(_DATA)
 
-    def _no_arg(self, verb: str, arg: str | None, event: ev.Event) -> ev.Event | None:
+    def _no_arg(self, arg: str | None, event: ev.Event) -> ev.Event | None:
         if arg:
             self._error(*_R_NO_ARG)
             return None
-        return self._expect(verb, event)
+        return self._expect(event)
 
     def _rset(self, arg: str | None) -> ev.Event | None:
-        return self._no_arg("RSET", arg, _RSET)
+        return self._no_arg(arg, _RSET)
 
     def _quit(self, arg: str | None) -> ev.Event | None:
-        return self._no_arg("QUIT", arg, _QUIT)
+        return self._no_arg(arg, _QUIT)
 
     def _noop(self, arg: str | None) -> ev.Event | None:
-        return self._expect("NOOP", _NOOP)
+        return self._expect(_NOOP)
 
     def _vrfy(self, arg: str | None) -> ev.Event | None:
         if not arg:
             self._error(*_R_NEED_ARG)
             return None
-        return self._expect("VRFY", ev.Vrfy(arg))
+        return self._expect(ev.Vrfy(arg))
 
     def _starttls(self, arg: str | None) -> ev.Event | None:
         if self.encrypted:
             self._error(*_R_TLS_ACTIVE)
             return None
         if "STARTTLS" not in self.extensions:
-            self._error(*_R_NOT_OFFERED)
+            self._error(*_R_NOT_IMPLEMENTED)
             return None
         if arg:
-            self._error("501", "5.5.4 Syntax: STARTTLS")
+            self._error(*_R_STARTTLS_SYNTAX)
             return None
-        return self._expect("STARTTLS", _STARTTLS)
+        return self._expect(_STARTTLS)
 
     def _auth(self, arg: str | None) -> ev.Event | None:
         if "AUTH" not in self.extensions:
-            self._error(*_R_NOT_OFFERED)
+            self._error(*_R_NOT_IMPLEMENTED)
             return None
         if self.authenticated:
             self._error(*_R_AUTHED)
             return None
         if not arg:
-            self._error("501", "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            self._error(*_R_AUTH_SYNTAX)
             return None
         mechanism, _, initial = arg.partition(" ")
         initial = initial.strip(" ")
         if " " in initial:
-            self._error("501", "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            self._error(*_R_AUTH_SYNTAX)
             return None
-        return self._expect("AUTH", ev.Auth(mechanism.upper(), initial or None))
+        return self._expect(ev.Auth(mechanism.upper(), initial or None))
 
-    def _end_auth(self, code: str, message: str) -> ev.Event:
+    def _end_auth(self, code: int, message: str) -> ev.Event:
         # RFC 4954 4: a response that cannot be used fails the AUTH command.
-        self._pending = None
-        self.state = ST_READY
+        self._move(MV_AUTH_END)
         self._error(code, message)
         return _AUTH_ABORTED
 
@@ -606,12 +598,115 @@ class ServerConnection:
         self.close(*_R_BDAT_SYNTAX)
         return True
 
-    def _auth_line(self, line: str) -> ev.Event:
-        self._pending = ev.AuthResponse(line)
-        self._pending_verb = "AUTH"
-        return self._pending
+    # -------------------------------------------------------------- replies
+    # One function per event class: what a reply of a given code does.
+    def _answer(self, event: ev.Event, code: int, message: str, newline_first: bool) -> None:
+        self._queue(code, message, newline_first)
+        self._move(MV_ANSWER)
+
+    def _answer_unknown(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        self._move(MV_ANSWER)
+        if code >= 500:
+            self._count_error()
+
+    def _answer_hello(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        if not 199 < code < 400:
+            self._answer(event, code, message, nl)
+            return
+        if code == 250 and event.__class__ is ev.Ehlo:
+            message = self.extensions.build_string(message)
+        self._queue(code, message, nl)
+        self._reset_transaction()
+        self._move(MV_HELLO)
+
+    def _answer_mail(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        if not 199 < code < 400:
+            self._move(MV_ANSWER)
+            return
+        params = event.params  # type: ignore[attr-defined]
+        if params:
+            self._utf8 = b"SMTPUTF8" in params
+            body = params.get(b"BODY")
+            self._binary = body is not None and body is not True and body.upper() == b"BINARYMIME"
+        self._move(MV_MAIL)
+
+    def _answer_rcpt(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        if not 199 < code < 400:
+            self._move(MV_ANSWER)
+            return
+        self._rcpt_count += 1
+        self._move(MV_RCPT)
+
+    def _answer_data(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._max_size = self.extensions.getparam("SIZE", int)
+        if event is _DATA_CHUNKING:
+            # The first BDAT of a message: its reply comes after its octets.
+            if 299 < code < 400:
+                self._move(MV_CHUNK)
+            else:
+                self._failed = True
+                self._skip_reply = (code, message)
+            return
+        self._queue(code, message, nl)
+        if 199 < code < 400:
+            self._buf.start_data()
+            self._move(MV_DATA)
+        else:
+            self._move(MV_ANSWER)
+
+    def _answer_message(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        # The verdict on a message: the transaction is over either way.
+        self._queue(code, message, nl)
+        self._reset_transaction()
+        self._move(MV_VERDICT)
+
+    def _answer_rset(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        if 199 < code < 400:
+            self._reset_transaction()
+            self._move(MV_RSET)
+        else:
+            self._move(MV_ANSWER)
+
+    def _answer_starttls(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        if code != 220:
+            self._move(MV_ANSWER)
+            return
+        # RFC 3207 4.2 and CVE-2011-0411: forget everything, including any
+        # plaintext the client pipelined after STARTTLS.
+        self._buf.clear()
+        self._reset_transaction()
+        self.extensions.drop("STARTTLS")
+        self.encrypted = True
+        self.authenticated = False
+        self._move(MV_TLS)
+
+    def _answer_auth(self, event: ev.Event, code: int, message: str, nl: bool) -> None:
+        self._queue(code, message, nl)
+        self._move(MV_AUTH_END)
+        if code == 235:
+            self.authenticated = True
+        elif code >= 500:
+            self._count_error()
 
     # ----------------------------------------------------------------- DATA
+    def _take_content(self, data: bytes) -> None:
+        """Keep message octets, or only count them once over the SIZE limit."""
+        if self._too_big:
+            return
+        size = self._size + len(data)
+        self._size = size
+        max_size = self._max_size
+        if max_size and size > max_size:
+            self._too_big = True
+            self._parts.clear()
+        else:
+            self._parts.append(data)
+
     def _next_data_event(self) -> ev.Event | None:
         buf = self._buf
         limit = self.data_line_limit
@@ -619,20 +714,13 @@ class ServerConnection:
             chunk = buf.extract_data(limit)
             if chunk is None:
                 return None
-            if not self._too_big:
-                size = self._size + len(chunk.data)
-                self._size = size
-                max_size = self._max_size
-                if max_size and size > max_size:
-                    self._too_big = True
-                    self._parts.clear()
-                else:
-                    self._parts.append(chunk.data)
+            self._take_content(chunk.data)
             if chunk.bare_newline:
                 self._bare = True
             if chunk.longest_line > self._longest:
                 self._longest = chunk.longest_line
             if chunk.ended:
+                self._move(MV_CONTENT_END)
                 return self._message_event()
 
     def _message_event(self) -> ev.Event:
@@ -647,8 +735,7 @@ class ServerConnection:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             event = ev.MessageReceived(data)
         self._parts = []
-        self.state = ST_RCPT
-        return self._expect("DATA", event)
+        return self._expect(event)
 
     # ----------------------------------------------------------------- BDAT
     def _bdat_command(self, arg: str | None) -> ev.Event | None:
@@ -657,68 +744,65 @@ class ServerConnection:
             # The stream can no longer be followed: answer and hang up.
             self.close(*_R_BDAT_SYNTAX)
             return None
-        self._bdat_remaining = int(match.group(1))
-        self._bdat_last = match.group(2) is not None
+        size = int(match.group(1))
         state = self.state
-        self._return_state = state
-        self.state = ST_BDAT
-        reply: tuple[str, str] | None = None
+        reply: tuple[int, str] | None = None
         if "CHUNKING" not in self.extensions:
-            reply = _R_NOT_OFFERED
+            reply = _R_NOT_IMPLEMENTED
         elif state not in ALLOWED["BDAT"]:
             reply = _BDAT_SEQUENCE.get(state, _R_SEQUENCE)
         elif self._failed:
             # The client pipelined more chunks of a refused message.
-            self._bdat_reply = _R_SEQUENCE
-            self._bdat_last = False
+            self._skip(size, _R_SEQUENCE)
             return None
         if reply is not None:
             self._count_error()
-            self._bdat_reply = reply
-            self._bdat_last = False
+            self._skip(size, reply)
             return None
+        self._chunk_remaining = size
+        self._chunk_last = match.group(2) is not None
         if not self._chunking:
             self._chunking = True
-            return self._expect("DATA", _DATA_CHUNKING)
+            return self._expect(_DATA_CHUNKING)
+        self._move(MV_CHUNK)
         return None
 
-    def _answer_first_chunk(self, code: str, message: str) -> None:
-        self._max_size = self.extensions.getparam("SIZE", int)
-        if code[0] != "3":
-            self._bdat_reply = (code, message)
-            self._failed = True
-            self._bdat_last = False
+    def _skip(self, size: int, reply: tuple[int, str]) -> None:
+        """Read and drop the *size* octets of a refused chunk, then answer *reply*."""
+        self._chunk_remaining = size
+        self._skip_reply = reply
+
+    def _skip_chunk(self) -> bool:
+        """Drop octets of a refused chunk; ``True`` once all are gone and answered."""
+        remaining = self._chunk_remaining
+        if remaining:
+            remaining -= len(self._buf.extract_exact(remaining))
+            self._chunk_remaining = remaining
+            if remaining:
+                return False
+        reply = self._skip_reply
+        assert reply is not None
+        self._skip_reply = None
+        self._queue(*reply)
+        return True
 
     def _next_bdat_event(self) -> ev.Event | None:
-        remaining = self._bdat_remaining
+        remaining = self._chunk_remaining
         if remaining:
             data = self._buf.extract_exact(remaining)
             remaining -= len(data)
-            self._bdat_remaining = remaining
-            if self._bdat_reply is None and not self._too_big:
-                size = self._size + len(data)
-                self._size = size
-                max_size = self._max_size
-                if max_size and size > max_size:
-                    self._too_big = True
-                    self._parts.clear()
-                else:
-                    self._parts.append(data)
+            self._chunk_remaining = remaining
+            self._take_content(data)
             if remaining:
                 return None
-        self.state = self._return_state
-        reply = self._bdat_reply
-        if reply is not None:
-            self._bdat_reply = None
-            self._queue(*reply)
-            return None
+        self._move(MV_CHUNK_END)
         if self._too_big:
             self._failed = True
             self._parts.clear()
-            self._queue(*_R_TOO_BIG_CHUNK)
+            self._queue(*_R_TOO_BIG)
             return None
-        if not self._bdat_last:
-            self._queue("250", f"2.0.0 {self._size} octets received")
+        if not self._chunk_last:
+            self._queue(250, f"2.0.0 {self._size} octets received")
             return None
         if not self._binary:
             data = b"".join(self._parts)
@@ -731,15 +815,9 @@ class ServerConnection:
         return self._message_event()
 
     # -------------------------------------------------------------- helpers
-    def _start_tls(self) -> None:
-        # RFC 3207 4.2 and CVE-2011-0411: forget everything, including any
-        # plaintext the client pipelined after STARTTLS.
-        self._buf.clear()
-        self._reset_transaction()
-        self.extensions.drop("STARTTLS")
-        self.encrypted = True
-        self.authenticated = False
-        self.state = ST_HELLO
+    def _move(self, move: Move) -> None:
+        """Apply *move*: the only place the state changes."""
+        self.state = next_state(self.state, move)
 
     def _reset_transaction(self) -> None:
         self._rcpt_count = 0
@@ -752,30 +830,20 @@ class ServerConnection:
         self._bare = False
         self._longest = 0
         self._parts = []
-        self._bdat_remaining = 0
-        self._bdat_last = False
-        self._bdat_reply = None
-        if self.state in (ST_MAIL, ST_RCPT, ST_DATA, ST_BDAT):
-            self.state = ST_READY
+        self._chunk_remaining = 0
+        self._chunk_last = False
+        self._skip_reply = None
 
-    def _end_transaction(self) -> None:
-        self._reset_transaction()
-        self.state = ST_READY
-
-    def _require_state(self, state: State) -> None:
-        if self.state is not state:
-            raise RuntimeError(f"not allowed in state {self.state.name}")
-
-    def _queue(self, code: str, message: str, newline_first: bool = False) -> None:
+    def _queue(self, code: int, message: str, newline_first: bool = False) -> None:
         self._out.append(format_reply(code, message, newline_first))
 
     def _count_error(self) -> None:
         self.errors += 1
         if self.errors >= self.max_errors and self.state is not ST_CLOSED:
             self._queue(*_R_TOO_MANY_ERRORS)
-            self.state = ST_CLOSED
+            self._move(MV_CLOSE)
 
-    def _error(self, code: str, message: str) -> None:
+    def _error(self, code: int, message: str) -> None:
         self._queue(code, message)
         self._count_error()
 
@@ -794,6 +862,11 @@ class ServerConnection:
         self._error(*reply)
 
 
+def _check_code(code: int) -> None:
+    if code.__class__ is not int or not 100 <= code <= 599:
+        raise ValueError(f"invalid SMTP reply code {code!r}")
+
+
 _LINE_LIMITS = {"MAIL": PARAM_LINE_LIMIT, "RCPT": PARAM_LINE_LIMIT, "AUTH": AUTH_LINE_LIMIT}
 
 _BDAT_SEQUENCE = {ST_HELLO: _R_NEED_HELLO, ST_READY: _R_NEED_MAIL, ST_MAIL: _R_NEED_RCPT}
@@ -810,4 +883,23 @@ _COMMANDS = {
     "VRFY": ServerConnection._vrfy,
     "STARTTLS": ServerConnection._starttls,
     "AUTH": ServerConnection._auth,
+}
+
+#: What a reply does, by the class of the event it answers.
+_RESPONDERS: dict[type, Callable[[ServerConnection, ev.Event, int, str, bool], None]] = {
+    ev.Ehlo: ServerConnection._answer_hello,
+    ev.Helo: ServerConnection._answer_hello,
+    ev.MailFrom: ServerConnection._answer_mail,
+    ev.RcptTo: ServerConnection._answer_rcpt,
+    ev.Data: ServerConnection._answer_data,
+    ev.MessageReceived: ServerConnection._answer_message,
+    ev.MessageRefused: ServerConnection._answer_message,
+    ev.Rset: ServerConnection._answer_rset,
+    ev.StartTls: ServerConnection._answer_starttls,
+    ev.Auth: ServerConnection._answer_auth,
+    ev.AuthResponse: ServerConnection._answer_auth,
+    ev.Noop: ServerConnection._answer,
+    ev.Quit: ServerConnection._answer,
+    ev.Vrfy: ServerConnection._answer,
+    ev.UnknownCommand: ServerConnection._answer_unknown,
 }

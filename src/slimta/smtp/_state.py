@@ -2,43 +2,54 @@
 
 ::
 
-    GREETING --greet 220--> HELLO --EHLO/HELO 250--> READY --MAIL 250--> MAIL
-        |                    ^  ^                      ^  ^                |
-        |                    |  +----STARTTLS 220------+  |            RCPT 250
-     greet other             |                            |                v
-        v                    +---RSET (not greeted)       +--- RSET ---- RCPT --DATA 354--> DATA
-    NO_SERVICE                                            +-- end of DATA / BDAT LAST ------+
+    GREETING --GREET_OPEN--> HELLO --HELLO--> READY --MAIL--> MAIL --RCPT--> RCPT
+        |                    ^  ^               ^  ^                          |  ^
+     GREET_REFUSE            |  +-----TLS-------+  +---------VERDICT---------+  |
+        v                    |                                                |  |
+    NO_SERVICE            RSET (not greeted)       DATA --CONTENT_END--> RCPT <-+  |
+                                                   BDAT --CHUNK_END----> RCPT ----+
+    READY --CHALLENGE--> AUTH --AUTH_END--> READY
 
-Any state --221/421 or too many errors or end of input--> CLOSED.
-``AUTH`` and ``BDAT`` run as sub-steps of READY and RCPT (:class:`State.AUTH`,
-:class:`State.BDAT`). :data:`ALLOWED` answers "is this verb allowed now?";
-:func:`after_success` gives the state after a positive reply.
+Every state but CLOSED --CLOSE--> CLOSED (a 221/421 reply, ``close()``,
+too many errors, end of input).
+
+Two tables decide everything:
+
+* :data:`ALLOWED` answers "is this command verb in sequence now?"; a verb out
+  of sequence is refused on the wire (503) and moves nothing.
+* :data:`TRANSITIONS` maps ``(state, move)`` to the next state, where a
+  :class:`Move` is what the core or its caller did: a reply of a given kind
+  to a given command, a challenge, the end of the message content.
+  :func:`next_state` applies it; a move the table lacks raises
+  :class:`~slimta.smtp._errors.LocalProtocolError`. The server core changes
+  its state nowhere else.
 """
 
 from __future__ import annotations
 
 from enum import Enum, auto
 
+from slimta.smtp._errors import LocalProtocolError
+
 __all__ = [
     "ALLOWED",
+    "BANNERED",
+    "HAVE_MAIL",
+    "HAVE_RCPT",
     "KNOWN_VERBS",
-    "ST_AUTH",
-    "ST_BDAT",
-    "ST_CLOSED",
-    "ST_DATA",
-    "ST_GREETING",
-    "ST_HELLO",
-    "ST_MAIL",
-    "ST_NO_SERVICE",
-    "ST_RCPT",
-    "ST_READY",
+    "TRANSITIONS",
+    "Move",
     "State",
-    "after_success",
+    "next_state",
 ]
 
 
 class State(Enum):
     """Where the session is."""
+
+    # Members are singletons: identity hashing is right, and it keeps the
+    # (state, move) lookups in C instead of Enum's Python-level __hash__.
+    __hash__ = object.__hash__
 
     #: Connected, greeting not sent yet.
     GREETING = auto()
@@ -54,12 +65,51 @@ class State(Enum):
     RCPT = auto()
     #: Receiving DATA content.
     DATA = auto()
-    #: Receiving the octets of a BDAT chunk.
+    #: Receiving the octets of an accepted BDAT chunk.
     BDAT = auto()
     #: In a SASL exchange started by AUTH.
     AUTH = auto()
     #: The session is over.
     CLOSED = auto()
+
+
+class Move(Enum):
+    """Something that may change the state: the rows of :data:`TRANSITIONS`."""
+
+    __hash__ = object.__hash__
+
+    #: The greeting was 220.
+    GREET_OPEN = auto()
+    #: The greeting had another code: the session serves only QUIT.
+    GREET_REFUSE = auto()
+    #: A positive reply to EHLO or HELO.
+    HELLO = auto()
+    #: A positive reply to MAIL.
+    MAIL = auto()
+    #: A positive reply to RCPT.
+    RCPT = auto()
+    #: A positive reply to DATA: the content follows.
+    DATA = auto()
+    #: The end of DATA content (``CRLF.CRLF``).
+    CONTENT_END = auto()
+    #: A BDAT chunk whose octets belong to the message.
+    CHUNK = auto()
+    #: The last octet of that chunk was read.
+    CHUNK_END = auto()
+    #: The reply to a complete message (accepted or not).
+    VERDICT = auto()
+    #: A positive reply to RSET.
+    RSET = auto()
+    #: 220 to STARTTLS: TLS starts and the session begins again (RFC 3207 4.2).
+    TLS = auto()
+    #: A 334 SASL challenge.
+    CHALLENGE = auto()
+    #: The final reply to AUTH, or the core ending the exchange itself.
+    AUTH_END = auto()
+    #: Any other reply: refusals, NOOP, VRFY, QUIT without 221, other verbs.
+    ANSWER = auto()
+    #: A 221 or 421 reply, :meth:`close`, too many errors, end of input.
+    CLOSE = auto()
 
 
 # Plain module names for the members: Enum attribute lookups are slow on hot paths.
@@ -74,10 +124,25 @@ ST_BDAT = State.BDAT
 ST_AUTH = State.AUTH
 ST_CLOSED = State.CLOSED
 
-# Tuples, not sets: membership then compares by identity in C, where a set
-# would call Enum.__hash__, a Python function, on every command.
+MV_GREET_OPEN = Move.GREET_OPEN
+MV_GREET_REFUSE = Move.GREET_REFUSE
+MV_HELLO = Move.HELLO
+MV_MAIL = Move.MAIL
+MV_RCPT = Move.RCPT
+MV_DATA = Move.DATA
+MV_CONTENT_END = Move.CONTENT_END
+MV_CHUNK = Move.CHUNK
+MV_CHUNK_END = Move.CHUNK_END
+MV_VERDICT = Move.VERDICT
+MV_RSET = Move.RSET
+MV_TLS = Move.TLS
+MV_CHALLENGE = Move.CHALLENGE
+MV_AUTH_END = Move.AUTH_END
+MV_ANSWER = Move.ANSWER
+MV_CLOSE = Move.CLOSE
+
+# Tuples, not sets: membership then compares by identity in C.
 _SERVING = (ST_HELLO, ST_READY, ST_MAIL, ST_RCPT)
-_GREETED = (ST_READY, ST_MAIL, ST_RCPT)
 
 #: The states in which each command verb is in sequence.
 ALLOWED: dict[str, tuple[State, ...]] = {
@@ -98,17 +163,56 @@ ALLOWED: dict[str, tuple[State, ...]] = {
 #: Verbs with a meaning in the core; anything else is an unknown command.
 KNOWN_VERBS = frozenset(ALLOWED)
 
+#: ``(state, move) -> next state``; see the module docstring.
+TRANSITIONS: dict[tuple[State, Move], State] = {
+    (ST_GREETING, MV_GREET_OPEN): ST_HELLO,
+    (ST_GREETING, MV_GREET_REFUSE): ST_NO_SERVICE,
+    # EHLO/HELO may come again at any time outside a transfer and end the
+    # transaction (RFC 5321 4.1.4).
+    (ST_HELLO, MV_HELLO): ST_READY,
+    (ST_READY, MV_HELLO): ST_READY,
+    (ST_MAIL, MV_HELLO): ST_READY,
+    (ST_RCPT, MV_HELLO): ST_READY,
+    (ST_READY, MV_MAIL): ST_MAIL,
+    (ST_MAIL, MV_RCPT): ST_RCPT,
+    (ST_RCPT, MV_RCPT): ST_RCPT,
+    (ST_RCPT, MV_DATA): ST_DATA,
+    (ST_DATA, MV_CONTENT_END): ST_RCPT,
+    (ST_RCPT, MV_CHUNK): ST_BDAT,
+    (ST_BDAT, MV_CHUNK_END): ST_RCPT,
+    (ST_RCPT, MV_VERDICT): ST_READY,
+    # RSET before a greeting has nothing to reset.
+    (ST_HELLO, MV_RSET): ST_HELLO,
+    (ST_READY, MV_RSET): ST_READY,
+    (ST_MAIL, MV_RSET): ST_READY,
+    (ST_RCPT, MV_RSET): ST_READY,
+    (ST_READY, MV_TLS): ST_HELLO,
+    (ST_READY, MV_CHALLENGE): ST_AUTH,
+    (ST_AUTH, MV_CHALLENGE): ST_AUTH,
+    (ST_READY, MV_AUTH_END): ST_READY,
+    (ST_AUTH, MV_AUTH_END): ST_READY,
+    (ST_NO_SERVICE, MV_ANSWER): ST_NO_SERVICE,
+    (ST_HELLO, MV_ANSWER): ST_HELLO,
+    (ST_READY, MV_ANSWER): ST_READY,
+    (ST_MAIL, MV_ANSWER): ST_MAIL,
+    (ST_RCPT, MV_ANSWER): ST_RCPT,
+    **{(state, MV_CLOSE): ST_CLOSED for state in State if state is not ST_CLOSED},
+}
 
-def after_success(verb: str, state: State) -> State:
-    """The state after a positive (2xx/3xx) reply to *verb* in *state*."""
-    if verb in ("EHLO", "HELO"):
-        return ST_READY
-    if verb == "MAIL":
-        return ST_MAIL
-    if verb == "RCPT":
-        return ST_RCPT
-    if verb == "DATA":
-        return ST_DATA
-    if verb == "RSET":
-        return ST_READY if state in _GREETED else state
-    return state
+#: States after a 220 greeting (:attr:`slimta.smtp.server.Server.bannered`).
+BANNERED = tuple(state for state in State if state not in (ST_GREETING, ST_NO_SERVICE))
+#: States with a MAIL command accepted.
+HAVE_MAIL = (ST_MAIL, ST_RCPT, ST_DATA, ST_BDAT)
+#: States with at least one recipient accepted.
+HAVE_RCPT = (ST_RCPT, ST_DATA, ST_BDAT)
+
+
+def next_state(state: State, move: Move) -> State:
+    """The state after *move* in *state*.
+
+    :raises LocalProtocolError: the table has no such move.
+    """
+    try:
+        return TRANSITIONS[state, move]
+    except KeyError:
+        raise LocalProtocolError(f"no move {move.name} from state {state.name}") from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from pysasl.identity import ClearIdentity
 from pysasl.mechanism import ChallengeResponse, ServerChallenge
 
 from slimta.logging import getSocketLogger
-from slimta.smtp import ConnectionLost, RemoteProtocolError, SmtpError
+from slimta.smtp import RemoteProtocolError, SmtpError
 from slimta.smtp._client import (
     CLEARTEXT_MECHANISMS,
     CLIENT_MECHANISMS,
@@ -37,6 +36,7 @@ from slimta.smtp._client import (
     decode_challenge,
     encode_response,
 )
+from slimta.smtp._sockio import send_or_lost
 from slimta.smtp.reply import Reply
 
 __all__ = ["AuthSession", "ServerAuthError"]
@@ -367,7 +367,6 @@ class AuthSession:
 #: built-in mechanisms need at most two.
 _MAX_CLIENT_ROUNDS = 8
 _NOT_ENDED = "4.7.0 Server went on with a canceled AUTH exchange"
-_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
 
 
 def _text(value: str | bytes) -> str:
@@ -396,10 +395,5 @@ def send_secret(sock: Any, data: bytes) -> None:
 
     :raises ConnectionLost: when the peer reset or closed the connection.
     """
-    try:
-        sock.sendall(data)
-    except OSError as exc:
-        if exc.errno in _RESET_ERRNOS:
-            raise ConnectionLost() from exc
-        raise
+    send_or_lost(sock, data)
     log.send(sock, b"".join(mask_auth_line(line) for line in data.splitlines(keepends=True)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
 import gevent.monkey
 
@@ -29,9 +29,10 @@ from slimta.smtp._client import (
     rcpt_argument,
 )
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
+from slimta.smtp._sockio import SocketIO
 from slimta.smtp.auth import AuthSession, client_sasl, send_secret
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import _RESET_ERRNOS, IO, BoundedWait, inner_socket, recv_or_lost
+from slimta.smtp.io import IO
 from slimta.smtp.reply import Reply, _unchecked_reply, tls_failure
 
 __all__ = ["Client", "LmtpClient"]
@@ -70,38 +71,35 @@ class Client:
     def __init__(self, socket: Any, address: Any = None) -> None:
         #: The buffered socket I/O.
         self.io = IO(socket, address)
-        self._conn = ClientConnection()
+        self._conn = ClientConnection(Extensions())
         #: Replies still waiting to be read, oldest first.
         self.reply_queue: list[Reply] = []
         #: The last 4xx/5xx reply read.
         self.last_error: Reply | None = None
-        # The inner socket of a plain gevent socket (see _raw), and the
-        # socket it was found for: TLS replaces io.socket.
-        self._raw_for: Any = None
-        self._raw_sock: Any = None
+        # Reads and writes io.socket, which STARTTLS replaces (see _socket_io).
+        self._sockio = SocketIO(socket)
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         #: A :func:`time.monotonic` time by which every read and write must
         #: be done, else it raises :class:`TimeoutError`; ``None`` for no
         #: bound (a caller's :class:`gevent.Timeout` may bound it instead).
         #: Set it before each command, as the SMTP relay does.
         self.deadline: float | None = None
+        # Something was just sent: its reply cannot be here yet.
         self._sent = False
-        self._bounded = BoundedWait()
 
-    def _raw(self) -> Any:
-        """:func:`~slimta.smtp.io.inner_socket` of :attr:`io`'s socket, which
-        STARTTLS replaces."""
+    def _socket_io(self) -> SocketIO:
+        sockio = self._sockio
         sock = self.io.socket
-        if sock is not self._raw_for:
-            self._raw_for = sock
-            self._raw_sock = inner_socket(sock)
-        return self._raw_sock
+        if sockio.sock is not sock:
+            sockio.use(sock)
+        return sockio
 
     # ------------------------------------------------------------ attributes
     @property
     def extensions(self) -> Extensions:
         """The ESMTP extensions of the last successful EHLO."""
-        return self._conn.extensions
+        # The core makes each new registry of the class it was given: ours.
+        return cast(Extensions, self._conn.extensions)
 
     @extensions.setter
     def extensions(self, value: Extensions) -> None:
@@ -110,14 +108,14 @@ class Client:
     # ------------------------------------------------------------------ core
     def _fill(self, reply: Reply, parsed: ParsedReply) -> None:
         # The parser checked the code's three digits: set it past the check.
-        reply._code = code = parsed.code
+        reply._code = str(parsed.code)
         if reply.command in _NO_ESC:
             reply.enhanced_status_code = False
             reply.raw_message = parsed.message
         else:
             reply.message = parsed.message
         reply.address = self.io.address
-        if code[0] in "45":
+        if parsed.code >= 400:
             self.last_error = reply
 
     def _read_one(self) -> ParsedReply:
@@ -135,32 +133,14 @@ class Client:
         deadline = self.deadline
         return None if deadline is None else deadline - time.monotonic()
 
-    def _bound_wrapped(self) -> None:
-        # A TLS or foreign socket waits by its own timeout.
-        remaining = self._remaining()
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError("timed out")
-        self.io.socket.settimeout(remaining)
-
     def _recv(self) -> bytes:
-        raw = self._raw()
-        if raw is None:
-            self._bound_wrapped()
-            return self.io.raw_recv()
-        if self._sent:
-            # The reply to what was just sent cannot be here yet: wait first
-            # rather than make a read that would only fail.
-            self._sent = False
-            self._wait(read=True)
-        while True:
-            try:
-                data = recv_or_lost(raw)
-            except BlockingIOError:
-                self._wait(read=True)
-                continue
-            if self._log_io:
-                log.recv(raw, data)
-            return data
+        sockio = self._socket_io()
+        wait_first = self._sent
+        self._sent = False
+        data = sockio.recv(self._remaining(), wait_first)
+        if self._log_io:
+            log.recv(sockio.sock, data)
+        return data
 
     def flush_pipeline(self) -> None:
         """Send every queued command, then read every reply waiting.
@@ -184,51 +164,34 @@ class Client:
             self._fill(reply, self._read_one())
 
     def _command(self, command: bytes, arg: bytes | None = None, *, flush: bool = False) -> Reply:
+        conn = self._conn
+        if conn.closed:
+            raise ConnectionLost()
         reply = _awaited(command)
-        self._conn.send_command(command, arg)
+        conn.send_command(command, arg)
         self.reply_queue.append(reply)
-        if flush or self._conn.ends_group(command):
+        if flush or conn.ends_group(command):
             self._flush_pipeline()
         return reply
 
-    def _local(self, command: bytes, code: str, message: str) -> Reply:
+    def _check_open(self) -> None:
+        # After a 221 or 421 the server closes the connection: the core
+        # refuses to send, and this raises what sending would have met.
+        if self._conn.closed:
+            raise ConnectionLost()
+
+    def _local(self, command: bytes, code: int, message: str) -> Reply:
         # A refusal decided here: nothing went on the wire.
-        reply = Reply(code, message, command=command, address=self.io.address)
+        reply = Reply(str(code), message, command=command, address=self.io.address)
         self.last_error = reply
         return reply
 
     def _send_now(self, data: bytes) -> None:
-        raw = self._raw()
-        if raw is None:
-            self._bound_wrapped()
-            self.io.raw_send(data)
-            return
-        view: bytes | memoryview = data
-        while True:
-            try:
-                sent = raw.send(view)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                if exc.errno in _RESET_ERRNOS:
-                    raise ConnectionLost() from exc
-                raise
-            if self._log_io and sent:
-                log.send(raw, bytes(view[:sent]))
-            if sent == len(view):
-                self._sent = True
-                return
-            if not isinstance(view, memoryview):
-                view = memoryview(view)
-            view = view[sent:]
-            self._wait(read=False)
-
-    def _wait(self, *, read: bool) -> None:
-        """Wait until the plain socket is readable (or writable), at most
-        until :attr:`deadline`."""
-        sock = self.io.socket
-        event = sock._read_event if read else sock._write_event
-        self._bounded.wait(self._remaining(), sock._wait, event)
+        sockio = self._socket_io()
+        sockio.send(data, self._remaining())
+        if self._log_io:
+            log.send(sockio.sock, data)
+        self._sent = True
 
     # ----------------------------------------------------------- unsolicited
     def has_reply_waiting(self) -> bool:
@@ -251,6 +214,7 @@ class Client:
     def get_reply(self, command: bytes = b"[TIMEOUT]") -> Reply:
         """Read one reply nothing was sent for."""
         self._flush_pipeline()
+        self._check_open()
         reply = Reply(command=command)
         self._conn.expect(command)
         self._fill(reply, self._read_one())
@@ -365,10 +329,11 @@ class Client:
     def _sasl_step(self, line: bytes) -> tuple[str, str]:
         # One line of an AUTH exchange and the reply to it. The line goes
         # through the core for framing but not through the IO's logging.
+        self._check_open()
         self._conn.send_line(line, b"AUTH")
         send_secret(self.io.socket, self._conn.data_to_send())
         parsed = self._read_one()
-        return parsed.code, parsed.message
+        return str(parsed.code), parsed.message
 
     # ------------------------------------------------------------ transaction
     def mailfrom(
@@ -395,7 +360,7 @@ class Client:
         try:
             arg = mail_argument(address, size=size, smtputf8=needs_utf8, body=body)
         except ValueError:
-            return self._local(b"MAIL", "501", "5.1.7 Invalid sender address")
+            return self._local(b"MAIL", 501, "5.1.7 Invalid sender address")
         return self._command(b"MAIL", arg)
 
     def rcptto(self, address: str) -> Reply:
@@ -411,7 +376,7 @@ class Client:
         try:
             arg = rcpt_argument(address, smtputf8=utf8)
         except ValueError:
-            return self._local(b"RCPT", "501", "5.1.3 Invalid recipient address")
+            return self._local(b"RCPT", 501, "5.1.3 Invalid recipient address")
         return self._command(b"RCPT", arg)
 
     def data(self) -> Reply:
@@ -419,6 +384,7 @@ class Client:
         return self._command(b"DATA", flush=True)
 
     def _queue_data(self, chunks: list[bytes], replies: int) -> list[Reply]:
+        self._check_open()
         self._conn.send_data(b"".join(chunks), replies=replies)
         out = [_awaited(b"[SEND_DATA]") for _ in range(replies)]
         self.reply_queue.extend(out)
@@ -450,6 +416,7 @@ class Client:
         pipelining = self._conn.pipelining
         for frame in bdat_frames(data, binary=binary, chunk_size=chunk_size):
             reply = Reply(command=b"BDAT")
+            self._check_open()
             self._conn.send_data(frame, b"BDAT")
             self.reply_queue.append(reply)
             replies.append(reply)

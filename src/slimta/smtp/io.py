@@ -8,109 +8,22 @@ socket in TLS.
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
 import ssl
-from collections.abc import Callable
 from typing import Any
 
-import gevent
-
 from slimta.logging import getSocketLogger
-from slimta.smtp import BadReply, ConnectionLost
+from slimta.smtp import BadReply
 from slimta.smtp._reply import ReplyParser, ReplySyntaxError, format_reply
+from slimta.smtp._sockio import recv_or_lost, send_or_lost
 
 __all__ = ["IO"]
 
 log = getSocketLogger(__name__)
 
-#: Bytes asked of the socket per read.
-RECV_SIZE = 65536
 _COMMAND = re.compile(rb"([A-Za-z]+)(?:[ \t]+(.*))?\Z", re.DOTALL)
 #: Seconds to wait for the peer's TLS close_notify when closing.
 _UNWRAP_TIMEOUT = 1.0
-_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED)
-
-
-class _WaitExpired(Exception):
-    """Thrown into a greenlet when the timer bounding its wait fires."""
-
-
-def _expire(glet: Any) -> None:
-    glet.throw(_WaitExpired)
-
-
-def recv_or_lost(sock: Any) -> bytes:
-    """One ``recv`` of up to :data:`RECV_SIZE` bytes from *sock*.
-
-    :raises ConnectionLost: on end of stream or a reset.
-    :raises BlockingIOError: from a non-blocking socket with nothing to read.
-    """
-    try:
-        data: bytes = sock.recv(RECV_SIZE)
-    except OSError as exc:
-        if exc.errno in _RESET_ERRNOS:
-            raise ConnectionLost() from exc
-        raise
-    if not data:
-        raise ConnectionLost()
-    return data
-
-
-class BoundedWait:
-    """Runs a blocking wait (such as a gevent socket's ``_wait`` on one of
-    its io watchers) for at most a given time.
-
-    A libev timer throws into the waiting greenlet, which is cheaper than a
-    :class:`gevent.Timeout` and leaves the socket's own timeout alone. The
-    timer is kept while the bound stays the same (an edge session parks
-    after the same idle time again and again).
-    """
-
-    __slots__ = ("_after", "_timer")
-
-    def __init__(self) -> None:
-        self._timer: Any = None
-        self._after: float | None = None
-
-    def wait(self, timeout: float | None, block: Callable[..., None], *args: Any) -> None:
-        """Call ``block(*args)``, giving up after *timeout* seconds (``None``:
-        no bound).
-
-        :raises TimeoutError: the time ran out.
-        """
-        if timeout is None:
-            block(*args)
-            return
-        if timeout <= 0:
-            raise TimeoutError("timed out")
-        timer = self._timer
-        if timer is None or self._after != timeout:
-            if timer is not None:
-                timer.close()
-            timer = self._timer = gevent.get_hub().loop.timer(timeout)
-            self._after = timeout
-        timer.start(_expire, gevent.getcurrent())
-        try:
-            block(*args)
-        except _WaitExpired:
-            raise TimeoutError("timed out") from None
-        finally:
-            timer.stop()
-
-
-def inner_socket(sock: Any) -> Any:
-    """The non-blocking socket inside a plain gevent socket, else ``None``.
-
-    Reading and writing it directly, and waiting through gevent only when it
-    would block, saves gevent's per-call costs (a ``getsockopt`` per
-    ``sendall``, a wait object per ``recv``). TLS and foreign sockets have
-    none: they go through their own methods.
-    """
-    raw = getattr(sock, "_sock", None)
-    if raw is None or not hasattr(sock, "_wait") or isinstance(sock, ssl.SSLSocket):
-        return None
-    return raw
 
 
 class IO:
@@ -162,12 +75,7 @@ class IO:
 
         :raises ConnectionLost: when the peer reset or closed the connection.
         """
-        try:
-            self.socket.sendall(data)
-        except OSError as exc:
-            if exc.errno in _RESET_ERRNOS:
-                raise ConnectionLost() from exc
-            raise
+        send_or_lost(self.socket, data)
         log.send(self.socket, data)
 
     def buffered_send(self, data: bytes) -> None:
@@ -183,7 +91,7 @@ class IO:
 
     def send_reply(self, reply: Any) -> None:
         """Queue a :class:`~slimta.smtp.reply.Reply` (multi-line text allowed)."""
-        self.buffered_send(format_reply(reply.code, reply.message or "", reply.newline_first))
+        self.buffered_send(format_reply(int(reply.code), reply.message or "", reply.newline_first))
 
     def send_command(self, command: bytes) -> None:
         """Queue a command line; CRLF is appended."""
@@ -237,7 +145,7 @@ class IO:
                 raise BadReply(exc.data) from None
             if reply is not None:
                 self.recv_buffer = parser.take_buffered()
-                return reply.code, reply.message
+                return str(reply.code), reply.message
             self.buffered_recv()
 
     # ------------------------------------------------------------------- TLS

@@ -154,7 +154,7 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, CRLF-terminated."""
-        return format_reply(self._code or "451", self.wire_text(), self.newline_first)
+        return format_reply(int(self._code or 451), self.wire_text(), self.newline_first)
 
     def send(self, io: IO, flush: bool = False) -> None:
         """Buffer this reply on *io*, flushing when *flush* is true."""

@@ -25,12 +25,14 @@ from slimta.logging import getSocketLogger
 from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
-from slimta.smtp._state import ST_BDAT, ST_DATA, ST_READY
+from slimta.smtp._sockio import RECV_SIZE, SocketIO
+from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
-from slimta.smtp.io import IO, RECV_SIZE, BoundedWait, inner_socket
+from slimta.smtp.io import IO
 from slimta.smtp.reply import Reply
 from slimta.smtp.reply import _unchecked_reply as _reply
+from slimta.util._hostname import local_fqdn
 
 __all__ = ["Server"]
 
@@ -40,7 +42,8 @@ log = getSocketLogger(__name__)
 TLS_HANDSHAKE_TIMEOUT = 30.0
 #: Verbs the handlers object may never be asked to serve as custom commands.
 _RESERVED = frozenset({"CLOSE", "TLSHANDSHAKE", "TLSHANDSHAKE2"})
-_NOT_IMPLEMENTED = frozenset({"EXPN", "HELP", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
+#: Seconds a last reply (timeout, shutdown) may take to go out.
+_FINAL_REPLY_TIMEOUT = 5.0
 
 
 def _mask_sasl(data: bytes, in_sasl: bool) -> bytes:
@@ -113,7 +116,7 @@ class Server:
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout if data_timeout is not None else command_timeout
         self.tls_handshake_timeout = tls_handshake_timeout
-        self.hostname = hostname or _default_hostname()
+        self.hostname = hostname or local_fqdn()
         self.auth = auth
         #: The ESMTP extensions EHLO advertises; change before :meth:`handle`.
         self.extensions = ext = Extensions()
@@ -126,14 +129,13 @@ class Server:
         self._in_sasl = False
         if self._auth is not None:
             ext.add("AUTH", self._auth)
-        self._raw_sock: Any = None
-        self._wait_readable: Callable[[], None] | None = None
-        self._bounded = BoundedWait()
+        self._sockio = SocketIO(socket)
         # Per-read debug logging is decided once per session: it is hot.
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
+        self._started = False
         self._park_remaining: float | None = None
         self._park_watchers: tuple[Any, Any] | None = None
-        self._timeout: float | None = None
+        self._park_expired = False
         self._data_deadline: float | None = None
         self._command_deadline: float | None = None
         self._ehlo_as: str | None = None
@@ -150,7 +152,7 @@ class Server:
     @property
     def bannered(self) -> bool:
         """True once a 220 greeting was sent."""
-        return self._conn.state.name not in ("GREETING", "NO_SERVICE")
+        return self._conn.state in BANNERED
 
     @property
     def ehlo_as(self) -> str | None:
@@ -160,12 +162,12 @@ class Server:
     @property
     def have_mailfrom(self) -> bool:
         """True while a MAIL command is accepted."""
-        return self._conn.state.name in ("MAIL", "RCPT", "DATA", "BDAT")
+        return self._conn.state in HAVE_MAIL
 
     @property
     def have_rcptto(self) -> bool:
         """True once a recipient is accepted in the current transaction."""
-        return self._conn.state.name in ("RCPT", "DATA", "BDAT")
+        return self._conn.state in HAVE_RCPT
 
     @property
     def authed(self) -> bool:
@@ -178,10 +180,81 @@ class Server:
 
         :raises ConnectionLost: when the peer disconnects or times out.
         """
-        self._start()
-        self._run(None)
+        self.serve()
 
-    # ------------------------------------------------- session driving (edge)
+    def serve(self, park_after: float | None = None) -> bool:
+        """Run the session: the first call starts it (implicit TLS, then the
+        greeting), later calls go on where it stopped.
+
+        :param park_after: seconds a plain-text session may wait for the
+            client's next command before this returns ``True``, leaving
+            everything open; the caller then calls :meth:`park` so that the
+            idle connection holds no greenlet. ``None`` never returns early.
+        :returns: ``False`` once the session is over (the caller closes the
+            socket), ``True`` when it went idle.
+        :raises ConnectionLost: the client left, or its time ran out (the
+            ``421 4.4.2`` timeout reply has been sent).
+
+        .. versionadded:: 4.0
+        """
+        if not self._started:
+            self._started = True
+            self._start()
+        elif self._park_expired:
+            self._park_expired = False
+            self._send_timeout()
+        try:
+            return self._loop(self._conn, park_after)
+        except TimeoutError:
+            self._send_timeout()
+        except gevent.GreenletExit:
+            self._final_reply(421, "4.3.2 Service shutting down")
+            raise
+        return False
+
+    def park(self, on_wake: Callable[[], None]) -> None:
+        """Wait for the client's next bytes in the event loop, not in a greenlet.
+
+        Call it after :meth:`serve` returned ``True``. *on_wake* runs once,
+        in the hub, when the client sends something or closes, or when the
+        command timeout runs out; it should then call :meth:`serve` again in
+        a greenlet of its own, which answers the command or sends the
+        timeout reply.
+
+        .. versionadded:: 4.0
+        """
+        loop = gevent.get_hub().loop
+        watcher = loop.io(self.io.socket.fileno(), 1)
+        remaining = self._park_remaining
+        timer = loop.timer(remaining) if remaining is not None else None
+        self._park_watchers = (watcher, timer)
+
+        def wake(timed_out: bool) -> None:
+            self._stop_park()
+            self._park_expired = timed_out
+            on_wake()
+
+        watcher.start(wake, False)
+        if timer is not None:
+            timer.start(wake, True)
+
+    @property
+    def parked(self) -> bool:
+        """True while the session waits in the event loop (see :meth:`park`)."""
+        return self._park_watchers is not None
+
+    def stop(self, code: str = "421", message: str = "4.3.2 Service shutting down") -> None:
+        """End the session now with a last reply, parked or not.
+
+        The reply is sent as well as the connection allows, without
+        waiting long; the socket stays open for the caller to close.
+
+        .. versionadded:: 4.0
+        """
+        self._stop_park()
+        self._final_reply(int(code), message)
+
+    # ------------------------------------------------------------- internals
     def _start(self) -> None:
         """Implicit TLS if configured, then the greeting."""
         if self.tls_immediately:
@@ -192,45 +265,7 @@ class Server:
         self._greet()
         self._use_socket()
 
-    def _run(self, park_after: float | None) -> bool:
-        """Serve commands until the session ends, or until it parks.
-
-        With *park_after*, a plain-text session that waits that long for its
-        next command returns ``True`` without closing anything: the caller
-        then :meth:`_park` s it so that an idle connection holds no greenlet.
-        """
-        conn = self._conn
-        try:
-            return self._loop(conn, park_after)
-        except TimeoutError:
-            self._send_timeout(conn)
-        except gevent.GreenletExit:
-            self._final_reply(conn, "421", "4.3.2 Service shutting down")
-            raise
-        return False
-
-    def _park(self, on_wake: Callable[[bool], None]) -> None:
-        """Wait for the next command in the event loop, not in a greenlet.
-
-        *on_wake* runs in the hub once, with ``True`` if the command timeout
-        expired first; the caller then continues with :meth:`_resume`.
-        """
-        loop = gevent.get_hub().loop
-        watcher = loop.io(self.io.socket.fileno(), 1)
-        remaining = self._park_remaining
-        timer = loop.timer(remaining) if remaining is not None else None
-        self._park_watchers = (watcher, timer)
-
-        def wake(timed_out: bool) -> None:
-            self._stop_park()
-            on_wake(timed_out)
-
-        watcher.start(wake, False)
-        if timer is not None:
-            timer.start(wake, True)
-
     def _stop_park(self) -> None:
-        """Stop waiting in the event loop (woken, or shut down while parked)."""
         watchers = self._park_watchers
         self._park_watchers = None
         if watchers is not None:
@@ -239,16 +274,11 @@ class Server:
                     watcher.stop()
                     watcher.close()
 
-    def _resume(self, timed_out: bool, park_after: float | None) -> bool:
-        """Continue a parked session in a new greenlet; see :meth:`_run`."""
-        if timed_out:
-            self._send_timeout(self._conn)
-        return self._run(park_after)
-
     def _loop(self, conn: ServerConnection, park_after: float | None) -> bool:
         handlers = self.handlers
         dispatch = _DISPATCH
         need_data = ev.NeedData
+        sockio = self._sockio
         served = 0
         while True:
             event = conn.next_event()
@@ -262,29 +292,17 @@ class Server:
                     # other sessions.
                     served = 0
                     gevent.sleep(0)
-                data = None
-                raw = self._raw_sock
-                if raw is not None and not out:
-                    # Fast path: the next command is often here already, and
-                    # then no timeout needs arming. Not right after a reply:
-                    # what comes next is the client's answer to it, which
-                    # cannot be here yet, and a read would only fail.
-                    try:
-                        data = raw.recv(RECV_SIZE)
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:
-                        raise ConnectionLost() from exc
-                    else:
-                        if not data:
-                            raise ConnectionLost()
-                        if self._log_io:
-                            self._log_recv(raw, data)
+                # The next command is often here already, and then no timer
+                # needs arming. Not right after a reply: the client's answer
+                # to it cannot be here yet.
+                data = None if out else sockio.recv_nowait()
                 if data is None:
                     served = 0
-                    data = self._recv(conn, park_after, raw is not None and not out)
+                    data = self._recv(conn, park_after, wait_first=not out)
                     if data is None:
                         return True
+                elif self._log_io:
+                    self._log_recv(data)
                 conn.receive_data(data)
                 if len(data) == RECV_SIZE:
                     # A flood of input must not starve the other sessions.
@@ -309,53 +327,25 @@ class Server:
     # --------------------------------------------------------------- helpers
     def _use_socket(self) -> None:
         sock = self.io.socket
-        raw = inner_socket(sock)
-        # A plain gevent socket is read and written through its inner socket
-        # and waited on with the session's own timers, which costs far less
-        # per command than gevent's per-wait Timeout objects. Anything else
-        # (TLS, a foreign socket) goes through its own methods.
-        if raw is not None:
-            wait, read_event = sock._wait, sock._read_event
-            self._raw_sock = raw
-            self._wait_readable = lambda: wait(read_event)
+        sockio = self._sockio
+        sockio.use(sock)
+        if sockio.direct:
+            # Waits are bounded by the session's own timers, not the socket's.
             sock.settimeout(None)
-            self._timeout = None
-        else:
-            self._raw_sock = None
-            self._wait_readable = None
-            self._timeout = self.command_timeout
-            sock.settimeout(self._timeout)
 
-    def _send(self, data: bytes) -> None:
-        raw = self._raw_sock
-        if raw is not None:
-            # Fast path: one non-blocking send() usually takes a whole reply;
-            # gevent's sendall() costs a getsockopt() and more per call.
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise ConnectionLost() from exc
-            if sent == len(data):
-                if self._log_io:
-                    log.send(raw, data)
-                return
-            data = data[sent:]
-        self.io.raw_send(data)
+    def _send(self, data: bytes, timeout: float | None = None) -> None:
+        self._sockio.send(data, timeout if timeout is not None else self.command_timeout)
+        if self._log_io:
+            log.send(self.io.socket, data)
 
     def _recv(
-        self, conn: ServerConnection, park_after: float | None, tried: bool = False
+        self, conn: ServerConnection, park_after: float | None, wait_first: bool = False
     ) -> bytes | None:
-        """Read the next bytes, waiting under the session's timeouts.
-
-        *tried* says the caller's non-blocking read just found nothing.
-        """
-        sock = self.io.socket
-        state = conn.state
+        """Read the next bytes, waiting under the session's timeouts; ``None``
+        when *park_after* passed first."""
         timeout: float | None
         parking = False
-        if (state is ST_DATA or state is ST_BDAT) and self.data_timeout is not None:
+        if conn.receiving_content and self.data_timeout is not None:
             # data_timeout bounds the whole transfer, not each read.
             now = time.monotonic()
             deadline = self._data_deadline
@@ -379,22 +369,14 @@ class Server:
                     raise TimeoutError()
             if (
                 park_after is not None
-                and self._raw_sock is not None
-                and state is not ST_DATA
-                and state is not ST_BDAT
+                and self._sockio.direct
+                and not conn.receiving_content
                 and (timeout is None or park_after < timeout)
             ):
                 parking = True
                 timeout = park_after
         try:
-            wait_readable = self._wait_readable
-            if wait_readable is not None:
-                data = self._recv_raw(wait_readable, timeout, tried)
-            else:
-                if timeout != self._timeout:
-                    sock.settimeout(timeout)
-                    self._timeout = timeout
-                data = sock.recv(RECV_SIZE)
+            data = self._sockio.recv(timeout, wait_first)
         except TimeoutError:
             if not parking:
                 raise
@@ -403,48 +385,24 @@ class Server:
                 None if deadline is None else max(0.0, deadline - time.monotonic())
             )
             return None
-        except OSError as exc:
-            raise ConnectionLost() from exc
-        if not data:
-            raise ConnectionLost()
         if self._log_io:
-            self._log_recv(sock, data)
+            self._log_recv(data)
         return data
 
-    def _recv_raw(
-        self, wait_readable: Callable[[], None], timeout: float | None, tried: bool
-    ) -> bytes:
-        """Read the plain socket, waiting at most *timeout* seconds for data."""
-        raw = self._raw_sock
-        while True:
-            if not tried:
-                try:
-                    data: bytes = raw.recv(RECV_SIZE)
-                except BlockingIOError:
-                    pass
-                else:
-                    return data
-            tried = False
-            self._bounded.wait(timeout, wait_readable)
-
-    def _send_timeout(self, conn: ServerConnection) -> None:
-        self._final_reply(conn, "421", "4.4.2 Connection timed out", newline_first=True)
+    def _send_timeout(self) -> None:
+        self._final_reply(421, "4.4.2 Connection timed out", newline_first=True)
         raise ConnectionLost("Connection timed out")
 
-    def _final_reply(
-        self, conn: ServerConnection, code: str, message: str, newline_first: bool = False
-    ) -> None:
+    def _final_reply(self, code: int, message: str, newline_first: bool = False) -> None:
+        conn = self._conn
         conn.close(code, message, newline_first)
-        try:
-            self.io.socket.settimeout(5.0)
-            self.io.raw_send(conn.data_to_send())
-        except (OSError, ConnectionLost):
-            pass
+        with contextlib.suppress(OSError, ConnectionLost):
+            self._send(conn.data_to_send(), _FINAL_REPLY_TIMEOUT)
 
     def _greet(self) -> None:
         reply = _reply("220", False, f"{self.hostname} ESMTP slimta")
         self._call("BANNER_", reply)
-        self._conn.greet(reply.code or "421", reply.wire_text())
+        self._conn.greet(int(reply.code or 421), reply.wire_text())
 
     def _call(self, name: str, reply: Reply, *args: Any) -> None:
         method = getattr(self.handlers, name, None)
@@ -462,39 +420,32 @@ class Server:
     def _respond(self, conn: ServerConnection, reply: Reply) -> None:
         code = reply._code
         if code is None:
-            conn.respond("451", "4.3.0 Reply without a code", reply.newline_first)
+            conn.respond(451, "4.3.0 Reply without a code", reply.newline_first)
             return
-        conn.respond(code, reply.wire_text(), reply.newline_first)
+        conn.respond(int(code), reply.wire_text(), reply.newline_first)
 
-    def _on_ehlo(self, conn: ServerConnection, event: Any) -> None:
+    def _on_hello(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
-        self._call("EHLO", reply, event.name)
-        if reply.code == "250":
-            self._ehlo_as = event.name
-        self._respond(conn, reply)
-
-    def _on_helo(self, conn: ServerConnection, event: Any) -> None:
-        reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
-        self._call("HELO", reply, event.name)
+        self._call("EHLO" if event.__class__ is ev.Ehlo else "HELO", reply, event.name)
         if reply.code == "250":
             self._ehlo_as = event.name
         self._respond(conn, reply)
 
     def _on_mail(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", "2.1.0", f"Sender <{event.address}> Ok")
-        self._call("MAIL", reply, event.address, event.params)
+        self._call("MAIL", reply, event.address, dict(event.params))
         self._respond(conn, reply)
 
     def _on_rcpt(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", "2.1.5", f"Recipient <{event.address}> Ok")
-        self._call("RCPT", reply, event.address, event.params)
+        self._call("RCPT", reply, event.address, dict(event.params))
         self._respond(conn, reply)
 
     def _on_data(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("354", False, "Start mail input; end with <CRLF>.<CRLF>")
         self._call("DATA", reply)
         self._respond(conn, reply)
-        if self.data_timeout is not None and conn.state is not ST_READY:
+        if self.data_timeout is not None and conn.receiving_content:
             # The whole content must arrive within data_timeout from now.
             self._data_deadline = time.monotonic() + self.data_timeout
 
@@ -506,7 +457,7 @@ class Server:
 
     def _on_refused(self, conn: ServerConnection, event: Any) -> None:
         self._data_deadline = None
-        reply = Reply(event.code, event.message)
+        reply = Reply(str(event.code), event.message)
         err: Exception = MessageTooBig() if event.too_big else RemoteProtocolError(reply)
         self._call("HAVE_DATA", reply, None, err)
         self._respond(conn, reply)
@@ -534,10 +485,9 @@ class Server:
         self._respond(conn, reply)
 
     def _on_unknown(self, conn: ServerConnection, event: Any) -> None:
-        if event.verb in _NOT_IMPLEMENTED:
-            reply = _reply("502", "5.5.1", "Command not implemented")
-        else:
-            reply = _reply("500", "5.5.1", "Command unrecognized")
+        # The core suggests 502 or 500 (RFC 5321 4.2.4); a handler may
+        # implement the verb instead.
+        reply = Reply(str(event.code), event.message)
         if event.verb not in _RESERVED:
             self._call(event.verb, reply, event.argument, self)
         self._respond(conn, reply)
@@ -549,7 +499,7 @@ class Server:
         if reply.code != "220" or conn.closed:
             return
         # The core has already dropped any plaintext pipelined after STARTTLS.
-        self.io.raw_send(conn.data_to_send())
+        self._send(conn.data_to_send())
         if not self._encrypt():
             raise ConnectionLost("TLS handshake failed")
         self._ehlo_as = None
@@ -558,7 +508,7 @@ class Server:
     def _on_auth(self, conn: ServerConnection, event: Any) -> None:
         auth = self._auth
         if auth is None:
-            self._respond(conn, Reply("502", "5.5.1 Command not implemented"))
+            self._respond(conn, _reply("502", "5.5.1", "Command not implemented"))
             return
 
         def challenge(data: bytes) -> str:
@@ -577,11 +527,11 @@ class Server:
     def _on_auth_aborted(self, conn: ServerConnection, event: Any) -> None:
         """Nothing to do: the core answered already."""
 
-    def _log_recv(self, sock: Any, data: bytes) -> None:
+    def _log_recv(self, data: bytes) -> None:
         """Log received bytes, with SASL data masked when AUTH is offered."""
         if self._auth is not None:
             data = _mask_sasl(data, self._in_sasl)
-        log.recv(sock, data)
+        log.recv(self.io.socket, data)
 
     def _next_auth_line(self, conn: ServerConnection) -> str:
         """Read the client's answer to a 334 challenge."""
@@ -598,8 +548,10 @@ class Server:
             if cls is ev.AuthResponse:
                 return event.line  # type: ignore[attr-defined, no-any-return]
             if cls is ev.NeedData:
-                self._send(conn.data_to_send())
-                data = self._recv(conn, None)
+                out = conn.data_to_send()
+                if out:
+                    self._send(out)
+                data = self._recv(conn, None, wait_first=bool(out))
                 assert data is not None
                 conn.receive_data(data)
                 continue
@@ -633,8 +585,8 @@ class Server:
 
 
 _DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
-    ev.Ehlo: Server._on_ehlo,
-    ev.Helo: Server._on_helo,
+    ev.Ehlo: Server._on_hello,
+    ev.Helo: Server._on_hello,
     ev.MailFrom: Server._on_mail,
     ev.RcptTo: Server._on_rcpt,
     ev.Data: Server._on_data,
@@ -650,7 +602,6 @@ _DISPATCH: dict[type, Callable[[Server, ServerConnection, Any], None]] = {
     ev.AuthAborted: Server._on_auth_aborted,
 }
 
-_FQDN: str | None = None
 #: Extensions every session advertises, in order (RFC 6531 wants 8BITMIME
 #: beside SMTPUTF8; BINARYMIME needs CHUNKING).
 _DEFAULT_EXTENSIONS = dict.fromkeys(
@@ -666,11 +617,3 @@ _DEFAULT_EXTENSIONS = dict.fromkeys(
 )
 #: Commands a session may serve in a row without giving other sessions a turn.
 _FAIR_SHARE = 32
-
-
-def _default_hostname() -> str:
-    # getfqdn() can cost a DNS lookup: do it once per process.
-    global _FQDN
-    if _FQDN is None:
-        _FQDN = _socket.getfqdn()
-    return _FQDN

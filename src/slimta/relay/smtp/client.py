@@ -360,8 +360,8 @@ class SmtpRelayClient(RelayPoolClient):
             try:
                 envelope.encode_7bit(self.binary_encoder)
             except UnicodeError:
-                reply = self._reply(*CONVERSION_NOT_ALLOWED, b"DATA")
-                raise SmtpPermanentRelayError(reply) from None
+                code, text = CONVERSION_NOT_ALLOWED
+                raise SmtpPermanentRelayError(self._reply(str(code), text, b"DATA")) from None
             header, body = envelope.flatten()
             body_type = None
         threshold = self.bdat_threshold
@@ -398,7 +398,8 @@ class SmtpRelayClient(RelayPoolClient):
         utf8 = needs_smtputf8(sender, recipients)
         if utf8 and "SMTPUTF8" not in client.extensions:
             # RFC 6531 3.2: no downgrade; refuse without a round trip.
-            raise SmtpPermanentRelayError(self._reply(*SMTPUTF8_REQUIRED, b"MAIL"))
+            code, text = SMTPUTF8_REQUIRED
+            raise SmtpPermanentRelayError(self._reply(str(code), text, b"MAIL"))
         header, body, body_type, bdat = self._prepare(client, envelope)
         with self._deadline(self.command_timeout, b"MAIL"):
             mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
