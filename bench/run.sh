@@ -6,7 +6,7 @@
 #                                              --modes edge-only,
 #                                              --concurrency 10000
 #
-# Steps: copy the shared harness ($SHARED_BENCH, default /work/shared/bench)
+# Steps: copy the shared harness ($SHARED_BENCH, default <repo>/../shared/bench)
 # into bench/harness/ (untracked), put our bench/mta_pipeline.py in place of
 # the harness's copy, make sure smtp-source/smtp-sink/swaks and the anchor
 # venv exist, then run the harness from bench/ so that results land in
@@ -14,7 +14,8 @@
 #
 # Environment:
 #   SUT_PYTHON     interpreter under test (default: <repo>/.venv/bin/python)
-#   SHARED_BENCH   where the shared harness lives (default /work/shared/bench)
+#   SHARED_BENCH   where the shared harness lives (default <repo>/../shared/bench:
+#                  shared/bench next to the repository's root directory)
 #   SLIMTA_BENCH_STORAGE  dict (default) or disk: queue storage used by
 #                  mta_pipeline.py in the blackhole/relay modes, for both the
 #                  anchor and the SUT (python-slimta's DiskStorage needs
@@ -23,7 +24,7 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-shared=${SHARED_BENCH:-/work/shared/bench}
+shared=${SHARED_BENCH:-$repo/../shared/bench}
 sut=${SUT_PYTHON:-$repo/.venv/bin/python}
 harness=$here/harness
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from slimta.edge.smtp import SmtpValidators
+from slimta.smtp import ConnectionLost
 from slimta.smtp.client import Client, LmtpClient
 from slimta.smtp.reply import Reply
 
@@ -220,3 +222,26 @@ def test_deadline_passed_raises_at_once(mute_server: Any, connect: Callable[...,
     client.deadline = time.monotonic() - 1
     with pytest.raises(TimeoutError):
         client.get_banner()
+
+
+class _CloseOnMail(SmtpValidators):
+    def handle_mail(self, reply: Reply, sender: str, params: dict[bytes, Any]) -> None:
+        reply.code = "421"
+        reply.message = "4.3.2 Going away"
+
+
+def test_command_after_421_is_connection_lost(make_edge: Any, connect: Any) -> None:
+    # The server closes after a 421: the core refuses to send more, and the
+    # caller meets ConnectionLost as it would on the closed socket.
+    _, port, queue = make_edge(validator_class=_CloseOnMail)
+    client = connect(port)
+    client.get_banner()
+    client.ehlo("client.test")
+    mail = client.mailfrom("a@example.com")
+    client.flush_pipeline()
+    assert mail.code == "421" and client.last_error is mail
+    with pytest.raises(ConnectionLost):
+        client.rset()
+    with pytest.raises(ConnectionLost):
+        client.quit()
+    assert queue.calls == 0

@@ -112,6 +112,33 @@ def test_start_tls_drops_injected_bytes() -> None:
     assert "STARTTLS" not in conn.extensions
 
 
+def test_bdat_last_chunk_is_told_apart() -> None:
+    # The reply to the LAST chunk ends the transaction (RFC 3030 2).
+    from slimta.smtp._client import bdat_frames
+
+    conn = ClientConnection(extensions("PIPELINING", "CHUNKING"))
+    conn.expect(b"[BANNER]")
+    conn.send_command(b"EHLO", b"client.test")
+    conn.send_command(b"MAIL", mail_argument("a@example.com"))
+    conn.send_command(b"RCPT", rcpt_argument("b@example.com"))
+    for frame in bdat_frames([b"0123456789"], chunk_size=4):
+        conn.send_data(frame, b"BDAT")
+    conn.send_data(b"BDAT 0 last\r\n", b"BDAT")
+    conn.receive_data(b"220 mx\r\n" + b"250 ok\r\n" * 6)
+    assert [command for command, _, _ in drain(conn)] == [
+        b"[BANNER]",
+        b"EHLO",
+        b"MAIL",
+        b"RCPT",
+        b"BDAT",
+        b"BDAT",
+        b"BDAT LAST",
+    ]
+    assert conn.state.name == "READY"
+    conn.receive_data(b"503 5.5.1 no transaction\r\n")
+    assert drain(conn) == [(b"BDAT LAST", 503, "5.5.1 no transaction")]
+
+
 # -------------------------------------------------------------- arguments
 @pytest.mark.parametrize(
     ("kwargs", "expected"),

@@ -83,7 +83,7 @@ COMMANDS = (
 )
 #: States in which any command may go, pipelined or not.
 OPEN = (BANNER_ST, HELLO, READY, MAIL, RCPT)
-#: States where a command was sent and no reply can have moved the session yet.
+#: States a reply moves out of by REPLY_CHANGES (DATA, AUTH, CLOSED have rules of their own).
 COMMAND_STATES = (HELLO, READY, MAIL, RCPT)
 #: States a reply to a command (or to the data) may arrive in.
 ANSWERED = (*COMMAND_STATES, DATA, AUTH, CLOSED)

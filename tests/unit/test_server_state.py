@@ -19,7 +19,7 @@ import slimta.smtp._server as server_module
 from slimta.smtp import _events as ev
 from slimta.smtp._errors import LocalProtocolError
 from slimta.smtp._server import ServerConnection
-from slimta.smtp._state import TRANSITIONS, Move, State, next_state
+from slimta.smtp._state import NEXT, TRANSITIONS, Move, State, next_state
 from slimta.smtp.extensions import Extensions
 
 S = State
@@ -245,17 +245,35 @@ SCENARIOS: dict[tuple[State, Move], tuple[Callable[[], ServerConnection], Callab
 }
 
 
+class RecordingRow(dict[Move, State]):
+    """One state's row of the table, noting every lookup in *moves*."""
+
+    def __init__(self, state: State, moves: list[tuple[State, Move]]) -> None:
+        super().__init__(NEXT[state])
+        self.state = state
+        self.moves = moves
+
+    def __getitem__(self, move: Move) -> State:
+        self.moves.append((self.state, move))
+        return super().__getitem__(move)
+
+    def __missing__(self, move: Move) -> State:
+        return NEXT[self.state][move]
+
+
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[State, Move]]:
     """Every (state, move) the server core asks the table for."""
     moves: list[tuple[State, Move]] = []
-
-    def recording(state: State, move: Move) -> State:
-        moves.append((state, move))
-        return next_state(state, move)
-
-    monkeypatch.setattr(server_module, "next_state", recording)
+    table = {state: RecordingRow(state, moves) for state in State}
+    monkeypatch.setattr(server_module, "NEXT", table)
     return moves
+
+
+def test_the_index_is_the_table() -> None:
+    assert {(state, move): after for state in State for move, after in NEXT[state].items()} == (
+        TRANSITIONS
+    )
 
 
 @pytest.mark.parametrize("row", list(SCENARIOS), ids=lambda row: f"{row[0].name}-{row[1].name}")
@@ -284,6 +302,18 @@ REFUSED = [(state, move) for state in State for move in Move if (state, move) no
 def test_moves_the_table_lacks_raise(pair: tuple[State, Move]) -> None:
     with pytest.raises(LocalProtocolError, match=f"no move {pair[1].name} from state"):
         next_state(*pair)
+    with pytest.raises(LocalProtocolError, match=f"no move {pair[1].name} from state"):
+        TRANSITIONS[pair]
+    with pytest.raises(LocalProtocolError, match=f"no move {pair[1].name} from state"):
+        NEXT[pair[0]][pair[1]]
+
+
+def test_the_core_refuses_a_move_the_table_lacks() -> None:
+    # The one mutator consults the table: a move it lacks leaves the state.
+    conn = at_mail()
+    with pytest.raises(LocalProtocolError, match="no move DATA from state MAIL"):
+        conn._move(M.DATA)
+    assert conn.state is S.MAIL
 
 
 def test_closed_is_final() -> None:

@@ -7,8 +7,7 @@ listening socket served by greenlets.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import gevent
 from gevent.pool import Pool
@@ -17,7 +16,7 @@ from gevent.server import StreamServer
 from slimta import logging as slogging
 from slimta.queue import QueueError
 from slimta.relay import RelayError
-from slimta.smtp.reply import Reply
+from slimta.smtp.reply import Reply, _unchecked_reply
 from slimta.util._hostname import local_fqdn
 
 if TYPE_CHECKING:
@@ -32,8 +31,7 @@ class QueueLike(Protocol):
     def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, Any]]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Handoff:
+class Handoff(NamedTuple):
     """What the queue made of one message, decided once for every edge.
 
     Built by :meth:`Edge.handoff_result` from the ``(envelope, id_or_error)``
@@ -58,7 +56,11 @@ class Handoff:
     def from_results(cls, results: list[tuple[Envelope, Any]]) -> Handoff:
         """Classify ``enqueue()`` results by their first entry (spec 5.2)."""
         outcome = results[0][1] if results else None
-        if isinstance(outcome, QueueError | RelayError):
+        if type(outcome) is str:
+            # The usual case: queued under this id.
+            text = f"Message accepted for delivery; queued as {outcome}"
+            return cls(results, outcome, _unchecked_reply("250", "2.6.0", text))
+        if isinstance(outcome, _REFUSALS):
             # A QueueError may leave the reply to the edge; a RelayError
             # (from ProxyQueue) always carries the remote server's.
             if outcome.reply is not None and outcome.reply.code:
@@ -67,8 +69,12 @@ class Handoff:
         if outcome is None or isinstance(outcome, BaseException):
             return cls(results, None, _queue_failed())
         queued_as = str(outcome)
-        reply = Reply("250", f"2.6.0 Message accepted for delivery; queued as {queued_as}")
-        return cls(results, queued_as, reply)
+        text = f"Message accepted for delivery; queued as {queued_as}"
+        return cls(results, queued_as, _unchecked_reply("250", "2.6.0", text))
+
+
+#: Errors in ``enqueue()`` results that carry the reply for the client.
+_REFUSALS = (QueueError, RelayError)
 
 
 def _queue_failed() -> Reply:

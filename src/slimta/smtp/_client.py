@@ -54,6 +54,7 @@ from slimta.smtp._client_state import (
     ST_CONNECTED,
     ST_TLS,
     START_TLS,
+    TRANSITIONS,
     UNSOLICITED,
     State,
     next_state,
@@ -407,7 +408,12 @@ class ClientConnection:
             command_key = command.upper()
         else:
             command_key = command
-        state = next_state(self._state, command_key, SENT)
+        # next_state()'s lookup, inlined on the per-command path: the call
+        # would cost as much again. A miss goes to next_state() itself.
+        try:
+            state = TRANSITIONS[self._state, command_key, SENT]
+        except KeyError:
+            state = next_state(self._state, command_key, SENT)
         if arg is None:
             self._out.append(command + b"\r\n")
         else:
@@ -438,7 +444,10 @@ class ClientConnection:
         """
         if command == b"BDAT" and _is_last_chunk(data):
             command = BDAT_LAST
-        state = next_state(self._state, command, SENT)
+        try:
+            state = TRANSITIONS[self._state, command, SENT]
+        except KeyError:
+            state = next_state(self._state, command, SENT)
         self._out.append(data)
         self._pending.extend([command] * replies)
         self._state = state
@@ -491,7 +500,11 @@ class ClientConnection:
         if reply is None:
             return None
         command = self._pending.popleft() if self._pending else UNSOLICITED
-        self._state = next_state(state, command, REPLY_CLASS[reply.code])
+        event = REPLY_CLASS[reply.code]
+        try:
+            self._state = TRANSITIONS[state, command, event]
+        except KeyError:
+            self._state = next_state(state, command, event)
         return command, reply
 
     def start_tls(self) -> bytes:

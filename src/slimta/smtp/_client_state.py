@@ -3,17 +3,22 @@
 ::
 
     CONNECTED --expect [BANNER]--> BANNER --any reply--> HELLO --EHLO/HELO/LHLO 2xx/3xx--> READY
-      |   |                                              ^   ^                              |  ^
-      |   +--any other send (the caller read the greeting)+   +--start_tls()-- TLS <--STARTTLS 220
-      +--start_tls() (implicit TLS, RFC 8314): CONNECTED                                   |  |
-                                                                                           |  |
-    READY --MAIL 2xx/3xx--> MAIL --RCPT 2xx/3xx--> RCPT --DATA 2xx/3xx--> DATA --data sent--+  |
-                             |                       |                                        |
-                             +--RSET 2xx/3xx, reply to BDAT LAST 2xx/3xx----------------------+
-    READY --AUTH 334--> AUTH --AUTH, any other reply--> READY
-    HELLO, READY, MAIL --DATA 354--> DATA (RFC 2920 3.1: the data is then empty)
 
-Every state but TLS --221, 421, any reply to QUIT--> CLOSED.
+    READY --MAIL 2xx/3xx--> MAIL --RCPT 2xx/3xx--> RCPT --DATA 2xx/3xx--> DATA
+      ^                      |                      |                      |
+      +---RSET 2xx/3xx, BDAT LAST 2xx/3xx-----------+                      |
+      +---message data sent (send_data)------------------------------------+
+
+    READY --STARTTLS 220--> TLS --start_tls()--> HELLO
+    READY --AUTH 334--> AUTH --another reply to AUTH--> READY
+    HELLO, READY, MAIL --DATA 354--> DATA (RFC 2920 3.1: the data is then empty)
+    CONNECTED --any other send: the caller read the greeting itself--> HELLO
+    CONNECTED --start_tls() (implicit TLS, RFC 8314)--> CONNECTED
+    Every state but TLS --221, 421, any reply to QUIT--> CLOSED
+
+Replies to EHLO, MAIL, STARTTLS and AUTH move the session alike from HELLO,
+READY, MAIL and RCPT; a refusal (4xx, 5xx) leaves it where it is, except
+where the exchange it answers is over anyway (AUTH after a challenge).
 
 The client core (:class:`~slimta.smtp._client.ClientConnection`) keeps one
 :class:`State`, and :data:`TRANSITIONS` maps ``(state, verb, event)`` to the
@@ -31,12 +36,12 @@ pipelining (RFC 2920) sends MAIL, RCPT and DATA before MAIL is answered;
 so sending is refused only where it would corrupt the session: anything
 but the message data once DATA is answered (DATA), anything but SASL lines
 during an AUTH exchange (AUTH), anything but ``start_tls()`` after the 220
-to STARTTLS (TLS), anything after CLOSED, and the banner awaited anywhere
-but first. Replies are the peer's doing and are never refused: every state
-a reply can arrive in has a row for each verb and class (TLS has none:
-bytes read after the 220 are dropped by ``start_tls()``, never parsed).
-A refusal (4xx, 5xx) leaves the state as it is, except where the
-exchange it answers is over anyway (the AUTH exchange, BDAT LAST).
+to STARTTLS (TLS), anything after CLOSED, the message data anywhere but
+in DATA (its lines would be read as commands; CONNECTED knows nothing
+either way), and the banner awaited anywhere but first. Replies are the
+peer's doing and are never refused: every state a reply can arrive in has
+a row for each verb and class (TLS has none: bytes read after the 220 are
+dropped by ``start_tls()``, never parsed).
 """
 
 from __future__ import annotations
@@ -266,9 +271,10 @@ def next_state(state: State, verb: bytes, event: int) -> State:
 
     :raises LocalProtocolError: the table has no such move.
     """
-    new = TRANSITIONS.get((state, verb, event))
-    if new is not None:
-        return new
+    try:
+        return TRANSITIONS[state, verb, event]
+    except KeyError:
+        pass
     if verb not in VERBS:
         new = TRANSITIONS.get((state, OTHER, event))
         if new is not None:

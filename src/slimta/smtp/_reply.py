@@ -20,20 +20,27 @@ MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 256
 
 
+#: The text of each reply code, by value: cheaper than formatting an int.
+_CODE_TEXT = tuple(str(code) for code in range(600))
+
+
 def format_reply(code: int, message: str, newline_first: bool = False) -> bytes:
     """Serialise a reply; line breaks in *message* make a multi-line reply.
 
     Every line of the text becomes its own ``CODE-`` continuation line, so no
     text can inject a line of its own or end the reply early.
+
+    :param code: a reply code, 100 to 599.
     """
+    digits = _CODE_TEXT[code]
     if "\n" in message or "\r" in message:
         lines = _LINE_BREAKS.split(message)
         last = lines.pop()
-        out = "".join(f"{code}-{line}\r\n" for line in lines) + f"{code} {last}\r\n"
+        out = "".join(f"{digits}-{line}\r\n" for line in lines) + f"{digits} {last}\r\n"
     elif message:
-        out = f"{code} {message}\r\n"
+        out = f"{digits} {message}\r\n"
     else:
-        out = f"{code}\r\n"
+        out = f"{digits}\r\n"
     if newline_first:
         out = "\r\n" + out
     return out.encode("utf-8", "replace")

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from slimta.smtp import _events as ev
+import slimta.smtp._events as ev
 from slimta.smtp._address import (
     SIMPLE_MAIL,
     SIMPLE_RCPT,
@@ -58,6 +58,7 @@ from slimta.smtp._state import (
     MV_RSET,
     MV_TLS,
     MV_VERDICT,
+    NEXT,
     ST_AUTH,
     ST_BDAT,
     ST_CLOSED,
@@ -68,7 +69,6 @@ from slimta.smtp._state import (
     ST_RCPT,
     ST_READY,
     Move,
-    next_state,
 )
 
 __all__ = ["ServerConnection"]
@@ -286,13 +286,14 @@ class ServerConnection:
         event = self._pending
         if event is None:
             raise LocalProtocolError("respond() without an event waiting for a reply")
-        _check_code(code)
+        if type(code) is not int or not 100 <= code <= 599:
+            _check_code(code)
         self._pending = None
         if code == 221 or code == 421:
             self._queue(code, message, newline_first)
             self._move(MV_CLOSE)
             return
-        _RESPONDERS[event.__class__](self, event, code, message, newline_first)
+        _RESPONDERS[type(event)](self, event, code, message, newline_first)
 
     def challenge(self, text: str) -> None:
         """Send a ``334`` SASL challenge (base64 *text*) and await its answer.
@@ -439,7 +440,8 @@ class ServerConnection:
     def _mail(self, arg: str | None) -> ev.Event | None:
         simple = SIMPLE_MAIL.match(arg) if arg else None
         if simple is not None:
-            return self._expect(ev.MailFrom(simple.group(1), _NO_PARAMS))
+            event = self._pending = ev.MailFrom(simple.group(1), _NO_PARAMS)
+            return event
         try:
             address, rest = parse_mail_argument(arg or "")
             params = parse_params(rest)
@@ -508,7 +510,8 @@ class ServerConnection:
     def _rcpt(self, arg: str | None) -> ev.Event | None:
         simple = SIMPLE_RCPT.match(arg) if arg else None
         if simple is not None and self._rcpt_count < self.max_recipients:
-            return self._expect(ev.RcptTo(simple.group(1), _NO_PARAMS))
+            event = self._pending = ev.RcptTo(simple.group(1), _NO_PARAMS)
+            return event
         try:
             address, rest = parse_rcpt_argument(arg or "")
             params = parse_params(rest)
@@ -816,8 +819,11 @@ class ServerConnection:
 
     # -------------------------------------------------------------- helpers
     def _move(self, move: Move) -> None:
-        """Apply *move*: the only place the state changes."""
-        self.state = next_state(self.state, move)
+        """Apply *move*: the only place the state changes.
+
+        :raises LocalProtocolError: the table has no such move here.
+        """
+        self.state = NEXT[self.state][move]
 
     def _reset_transaction(self) -> None:
         self._rcpt_count = 0

@@ -37,6 +37,7 @@ __all__ = [
     "HAVE_MAIL",
     "HAVE_RCPT",
     "KNOWN_VERBS",
+    "NEXT",
     "TRANSITIONS",
     "Move",
     "State",
@@ -163,41 +164,55 @@ ALLOWED: dict[str, tuple[State, ...]] = {
 #: Verbs with a meaning in the core; anything else is an unknown command.
 KNOWN_VERBS = frozenset(ALLOWED)
 
-#: ``(state, move) -> next state``; see the module docstring.
-TRANSITIONS: dict[tuple[State, Move], State] = {
-    (ST_GREETING, MV_GREET_OPEN): ST_HELLO,
-    (ST_GREETING, MV_GREET_REFUSE): ST_NO_SERVICE,
-    # EHLO/HELO may come again at any time outside a transfer and end the
-    # transaction (RFC 5321 4.1.4).
-    (ST_HELLO, MV_HELLO): ST_READY,
-    (ST_READY, MV_HELLO): ST_READY,
-    (ST_MAIL, MV_HELLO): ST_READY,
-    (ST_RCPT, MV_HELLO): ST_READY,
-    (ST_READY, MV_MAIL): ST_MAIL,
-    (ST_MAIL, MV_RCPT): ST_RCPT,
-    (ST_RCPT, MV_RCPT): ST_RCPT,
-    (ST_RCPT, MV_DATA): ST_DATA,
-    (ST_DATA, MV_CONTENT_END): ST_RCPT,
-    (ST_RCPT, MV_CHUNK): ST_BDAT,
-    (ST_BDAT, MV_CHUNK_END): ST_RCPT,
-    (ST_RCPT, MV_VERDICT): ST_READY,
-    # RSET before a greeting has nothing to reset.
-    (ST_HELLO, MV_RSET): ST_HELLO,
-    (ST_READY, MV_RSET): ST_READY,
-    (ST_MAIL, MV_RSET): ST_READY,
-    (ST_RCPT, MV_RSET): ST_READY,
-    (ST_READY, MV_TLS): ST_HELLO,
-    (ST_READY, MV_CHALLENGE): ST_AUTH,
-    (ST_AUTH, MV_CHALLENGE): ST_AUTH,
-    (ST_READY, MV_AUTH_END): ST_READY,
-    (ST_AUTH, MV_AUTH_END): ST_READY,
-    (ST_NO_SERVICE, MV_ANSWER): ST_NO_SERVICE,
-    (ST_HELLO, MV_ANSWER): ST_HELLO,
-    (ST_READY, MV_ANSWER): ST_READY,
-    (ST_MAIL, MV_ANSWER): ST_MAIL,
-    (ST_RCPT, MV_ANSWER): ST_RCPT,
-    **{(state, MV_CLOSE): ST_CLOSED for state in State if state is not ST_CLOSED},
-}
+
+class _Table(dict[tuple[State, Move], State]):
+    """The transition table: looking up a move it lacks raises."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: tuple[State, Move]) -> State:
+        state, move = key
+        raise LocalProtocolError(f"no move {move.name} from state {state.name}")
+
+
+#: ``(state, move) -> next state``; see the module docstring. Looking up a
+#: move it lacks raises :class:`~slimta.smtp._errors.LocalProtocolError`.
+TRANSITIONS: dict[tuple[State, Move], State] = _Table(
+    {
+        (ST_GREETING, MV_GREET_OPEN): ST_HELLO,
+        (ST_GREETING, MV_GREET_REFUSE): ST_NO_SERVICE,
+        # EHLO/HELO may come again at any time outside a transfer and end the
+        # transaction (RFC 5321 4.1.4).
+        (ST_HELLO, MV_HELLO): ST_READY,
+        (ST_READY, MV_HELLO): ST_READY,
+        (ST_MAIL, MV_HELLO): ST_READY,
+        (ST_RCPT, MV_HELLO): ST_READY,
+        (ST_READY, MV_MAIL): ST_MAIL,
+        (ST_MAIL, MV_RCPT): ST_RCPT,
+        (ST_RCPT, MV_RCPT): ST_RCPT,
+        (ST_RCPT, MV_DATA): ST_DATA,
+        (ST_DATA, MV_CONTENT_END): ST_RCPT,
+        (ST_RCPT, MV_CHUNK): ST_BDAT,
+        (ST_BDAT, MV_CHUNK_END): ST_RCPT,
+        (ST_RCPT, MV_VERDICT): ST_READY,
+        # RSET before a greeting has nothing to reset.
+        (ST_HELLO, MV_RSET): ST_HELLO,
+        (ST_READY, MV_RSET): ST_READY,
+        (ST_MAIL, MV_RSET): ST_READY,
+        (ST_RCPT, MV_RSET): ST_READY,
+        (ST_READY, MV_TLS): ST_HELLO,
+        (ST_READY, MV_CHALLENGE): ST_AUTH,
+        (ST_AUTH, MV_CHALLENGE): ST_AUTH,
+        (ST_READY, MV_AUTH_END): ST_READY,
+        (ST_AUTH, MV_AUTH_END): ST_READY,
+        (ST_NO_SERVICE, MV_ANSWER): ST_NO_SERVICE,
+        (ST_HELLO, MV_ANSWER): ST_HELLO,
+        (ST_READY, MV_ANSWER): ST_READY,
+        (ST_MAIL, MV_ANSWER): ST_MAIL,
+        (ST_RCPT, MV_ANSWER): ST_RCPT,
+        **{(state, MV_CLOSE): ST_CLOSED for state in State if state is not ST_CLOSED},
+    }
+)
 
 #: States after a 220 greeting (:attr:`slimta.smtp.server.Server.bannered`).
 BANNERED = tuple(state for state in State if state not in (ST_GREETING, ST_NO_SERVICE))
@@ -207,12 +222,28 @@ HAVE_MAIL = (ST_MAIL, ST_RCPT, ST_DATA, ST_BDAT)
 HAVE_RCPT = (ST_RCPT, ST_DATA, ST_BDAT)
 
 
+class _Row(dict[Move, State]):
+    """The moves out of one state: an index over :data:`TRANSITIONS`."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: State) -> None:
+        rows = TRANSITIONS.items()
+        super().__init__((move, after) for (before, move), after in rows if before is state)
+        self.state = state
+
+    def __missing__(self, move: Move) -> State:
+        return TRANSITIONS[self.state, move]
+
+
+#: ``NEXT[state][move]`` is ``TRANSITIONS[state, move]`` (and raises the
+#: same way), without building a tuple key: for the cores' hot paths.
+NEXT: dict[State, dict[Move, State]] = {state: _Row(state) for state in State}
+
+
 def next_state(state: State, move: Move) -> State:
     """The state after *move* in *state*.
 
     :raises LocalProtocolError: the table has no such move.
     """
-    try:
-        return TRANSITIONS[state, move]
-    except KeyError:
-        raise LocalProtocolError(f"no move {move.name} from state {state.name}") from None
+    return TRANSITIONS[state, move]

@@ -28,9 +28,10 @@ from slimta.smtp._client import (
     mail_argument,
     rcpt_argument,
 )
+from slimta.smtp._errors import LocalProtocolError
 from slimta.smtp._reply import ParsedReply, ReplySyntaxError
 from slimta.smtp._sockio import SocketIO
-from slimta.smtp.auth import AuthSession, client_sasl, send_secret
+from slimta.smtp.auth import AuthSession, client_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO
 from slimta.smtp.reply import Reply, _unchecked_reply, tls_failure
@@ -41,6 +42,8 @@ log = getSocketLogger("slimta.smtp.io")
 
 #: The real select(): a zero-timeout poll needs no trip through the hub.
 _select = gevent.monkey.get_original("select", "select")
+#: The text of each reply code, by index: no str() per reply.
+_CODE_TEXT = tuple(map(str, range(600)))
 #: Replies that carry no enhanced status code (RFC 2034 3).
 _NO_ESC = frozenset({b"[BANNER]", b"EHLO", b"HELO", b"LHLO"})
 
@@ -108,7 +111,7 @@ class Client:
     # ------------------------------------------------------------------ core
     def _fill(self, reply: Reply, parsed: ParsedReply) -> None:
         # The parser checked the code's three digits: set it past the check.
-        reply._code = str(parsed.code)
+        reply._code = _CODE_TEXT[parsed.code]
         if reply.command in _NO_ESC:
             reply.enhanced_status_code = False
             reply.raw_message = parsed.message
@@ -165,20 +168,22 @@ class Client:
 
     def _command(self, command: bytes, arg: bytes | None = None, *, flush: bool = False) -> Reply:
         conn = self._conn
-        if conn.closed:
-            raise ConnectionLost()
         reply = _awaited(command)
-        conn.send_command(command, arg)
+        try:
+            conn.send_command(command, arg)
+        except LocalProtocolError:
+            self._check_open()
+            raise
         self.reply_queue.append(reply)
         if flush or conn.ends_group(command):
             self._flush_pipeline()
         return reply
 
     def _check_open(self) -> None:
-        # After a 221 or 421 the server closes the connection: the core
-        # refuses to send, and this raises what sending would have met.
+        # Called when the core refused a send. After a 221 or 421 the server
+        # closes the connection: raise what sending would have met there.
         if self._conn.closed:
-            raise ConnectionLost()
+            raise ConnectionLost() from None
 
     def _local(self, command: bytes, code: int, message: str) -> Reply:
         # A refusal decided here: nothing went on the wire.
@@ -186,10 +191,13 @@ class Client:
         self.last_error = reply
         return reply
 
-    def _send_now(self, data: bytes) -> None:
+    def _send_now(self, data: bytes, *, secret: bool = False) -> None:
         sockio = self._socket_io()
         sockio.send(data, self._remaining())
-        if self._log_io:
+        if secret:
+            # SASL data never reaches the log in the clear.
+            log.send(sockio.sock, b"".join(map(mask_auth_line, data.splitlines(keepends=True))))
+        elif self._log_io:
             log.send(sockio.sock, data)
         self._sent = True
 
@@ -214,9 +222,12 @@ class Client:
     def get_reply(self, command: bytes = b"[TIMEOUT]") -> Reply:
         """Read one reply nothing was sent for."""
         self._flush_pipeline()
-        self._check_open()
         reply = Reply(command=command)
-        self._conn.expect(command)
+        try:
+            self._conn.expect(command)
+        except LocalProtocolError:
+            self._check_open()
+            raise
         self._fill(reply, self._read_one())
         return reply
 
@@ -327,11 +338,13 @@ class Client:
         return reply
 
     def _sasl_step(self, line: bytes) -> tuple[str, str]:
-        # One line of an AUTH exchange and the reply to it. The line goes
-        # through the core for framing but not through the IO's logging.
-        self._check_open()
-        self._conn.send_line(line, b"AUTH")
-        send_secret(self.io.socket, self._conn.data_to_send())
+        # One line of an AUTH exchange and the reply to it; logged masked.
+        try:
+            self._conn.send_line(line, b"AUTH")
+        except LocalProtocolError:
+            self._check_open()
+            raise
+        self._send_now(self._conn.data_to_send(), secret=True)
         parsed = self._read_one()
         return str(parsed.code), parsed.message
 
@@ -384,8 +397,11 @@ class Client:
         return self._command(b"DATA", flush=True)
 
     def _queue_data(self, chunks: list[bytes], replies: int) -> list[Reply]:
-        self._check_open()
-        self._conn.send_data(b"".join(chunks), replies=replies)
+        try:
+            self._conn.send_data(b"".join(chunks), replies=replies)
+        except LocalProtocolError:
+            self._check_open()
+            raise
         out = [_awaited(b"[SEND_DATA]") for _ in range(replies)]
         self.reply_queue.extend(out)
         self._flush_pipeline()
@@ -416,8 +432,11 @@ class Client:
         pipelining = self._conn.pipelining
         for frame in bdat_frames(data, binary=binary, chunk_size=chunk_size):
             reply = Reply(command=b"BDAT")
-            self._check_open()
-            self._conn.send_data(frame, b"BDAT")
+            try:
+                self._conn.send_data(frame, b"BDAT")
+            except LocalProtocolError:
+                self._check_open()
+                raise
             self.reply_queue.append(reply)
             replies.append(reply)
             if not pipelining:

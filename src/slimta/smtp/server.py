@@ -26,7 +26,7 @@ from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
 from slimta.smtp._sockio import RECV_SIZE, SocketIO
-from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT
+from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT, ST_BDAT, ST_DATA
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO
@@ -130,6 +130,7 @@ class Server:
         if self._auth is not None:
             ext.add("AUTH", self._auth)
         self._sockio = SocketIO(socket)
+        self._direct = False
         # Per-read debug logging is decided once per session: it is hot.
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         self._started = False
@@ -286,7 +287,9 @@ class Server:
             if cls is need_data:
                 out = conn.data_to_send()
                 if out:
-                    self._send(out)
+                    sockio.send(out, self.command_timeout)
+                    if self._log_io:
+                        log.send(sockio.sock, out)
                 if served >= _FAIR_SHARE:
                     # A client that never makes us wait must not starve the
                     # other sessions.
@@ -328,8 +331,10 @@ class Server:
     def _use_socket(self) -> None:
         sock = self.io.socket
         sockio = self._sockio
-        sockio.use(sock)
-        if sockio.direct:
+        if sockio.sock is not sock:
+            sockio.use(sock)
+        self._direct = sockio.direct
+        if self._direct:
             # Waits are bounded by the session's own timers, not the socket's.
             sock.settimeout(None)
 
@@ -345,7 +350,9 @@ class Server:
         when *park_after* passed first."""
         timeout: float | None
         parking = False
-        if conn.receiving_content and self.data_timeout is not None:
+        state = conn.state
+        content = state is ST_DATA or state is ST_BDAT
+        if content and self.data_timeout is not None:
             # data_timeout bounds the whole transfer, not each read.
             now = time.monotonic()
             deadline = self._data_deadline
@@ -369,8 +376,8 @@ class Server:
                     raise TimeoutError()
             if (
                 park_after is not None
-                and self._sockio.direct
-                and not conn.receiving_content
+                and self._direct
+                and not content
                 and (timeout is None or park_after < timeout)
             ):
                 parking = True
@@ -422,7 +429,11 @@ class Server:
         if code is None:
             conn.respond(451, "4.3.0 Reply without a code", reply.newline_first)
             return
-        conn.respond(int(code), reply.wire_text(), reply.newline_first)
+        try:
+            value = _CODE_VALUE[code]
+        except KeyError:
+            value = int(code)
+        conn.respond(value, reply.wire_text(), reply.newline_first)
 
     def _on_hello(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", False, f"{self.hostname} Hello {event.name}")
@@ -433,12 +444,14 @@ class Server:
 
     def _on_mail(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", "2.1.0", f"Sender <{event.address}> Ok")
-        self._call("MAIL", reply, event.address, dict(event.params))
+        params = event.params
+        self._call("MAIL", reply, event.address, dict(params) if params else {})
         self._respond(conn, reply)
 
     def _on_rcpt(self, conn: ServerConnection, event: Any) -> None:
         reply = _reply("250", "2.1.5", f"Recipient <{event.address}> Ok")
-        self._call("RCPT", reply, event.address, dict(event.params))
+        params = event.params
+        self._call("RCPT", reply, event.address, dict(params) if params else {})
         self._respond(conn, reply)
 
     def _on_data(self, conn: ServerConnection, event: Any) -> None:
@@ -450,13 +463,11 @@ class Server:
             self._data_deadline = time.monotonic() + self.data_timeout
 
     def _on_message(self, conn: ServerConnection, event: Any) -> None:
-        self._data_deadline = None
         reply = _reply("250", "2.6.0", "Message accepted for delivery")
         self._call("HAVE_DATA", reply, event.data, None)
         self._respond(conn, reply)
 
     def _on_refused(self, conn: ServerConnection, event: Any) -> None:
-        self._data_deadline = None
         reply = Reply(str(event.code), event.message)
         err: Exception = MessageTooBig() if event.too_big else RemoteProtocolError(reply)
         self._call("HAVE_DATA", reply, None, err)
@@ -615,5 +626,7 @@ _DEFAULT_EXTENSIONS = dict.fromkeys(
         "DSN",
     )
 )
+#: The value of each reply code's text: a lookup costs less than int().
+_CODE_VALUE = {str(code): code for code in range(100, 600)}
 #: Commands a session may serve in a row without giving other sessions a turn.
 _FAIR_SHARE = 32
