@@ -22,6 +22,8 @@ MAX_REPLY_LINES = 256
 
 #: The text of each reply code, by value: cheaper than formatting an int.
 _CODE_TEXT = tuple(str(code) for code in range(600))
+#: The value of each reply code as received: cheaper than int().
+_CODE_VALUE = {text.encode("ascii"): code for code, text in enumerate(_CODE_TEXT) if code >= 100}
 
 
 def format_reply(code: int, message: str, newline_first: bool = False) -> bytes:
@@ -121,7 +123,7 @@ class ReplyParser:
             if self._code is None:
                 if separator != b"-":
                     # A whole reply in one line: the usual case.
-                    return ParsedReply(int(code), text, (text,))
+                    return ParsedReply(_CODE_VALUE[code], text, (text,))
             elif code != self._code:
                 raise ReplySyntaxError(line)
             self._code = code
@@ -132,4 +134,4 @@ class ReplyParser:
                 lines = tuple(self._lines)
                 self._lines = []
                 self._code = None
-                return ParsedReply(int(code), "\r\n".join(lines), lines)
+                return ParsedReply(_CODE_VALUE[code], "\r\n".join(lines), lines)

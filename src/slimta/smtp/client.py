@@ -79,7 +79,7 @@ class Client:
         self.reply_queue: list[Reply] = []
         #: The last 4xx/5xx reply read.
         self.last_error: Reply | None = None
-        # Reads and writes io.socket, which STARTTLS replaces (see _socket_io).
+        # Reads and writes io.socket, which STARTTLS replaces.
         self._sockio = SocketIO(socket)
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         #: A :func:`time.monotonic` time by which every read and write must
@@ -89,13 +89,6 @@ class Client:
         self.deadline: float | None = None
         # Something was just sent: its reply cannot be here yet.
         self._sent = False
-
-    def _socket_io(self) -> SocketIO:
-        sockio = self._sockio
-        sock = self.io.socket
-        if sockio.sock is not sock:
-            sockio.use(sock)
-        return sockio
 
     # ------------------------------------------------------------ attributes
     @property
@@ -132,15 +125,14 @@ class Client:
                 return got[1]
             conn.receive_data(self._recv())
 
-    def _remaining(self) -> float | None:
-        deadline = self.deadline
-        return None if deadline is None else deadline - time.monotonic()
-
     def _recv(self) -> bytes:
-        sockio = self._socket_io()
+        sockio = self._sockio
+        if sockio.sock is not self.io.socket:
+            sockio.use(self.io.socket)  # STARTTLS replaced it
+        deadline = self.deadline
         wait_first = self._sent
         self._sent = False
-        data = sockio.recv(self._remaining(), wait_first)
+        data = sockio.recv(None if deadline is None else deadline - time.monotonic(), wait_first)
         if self._log_io:
             log.recv(sockio.sock, data)
         return data
@@ -192,8 +184,11 @@ class Client:
         return reply
 
     def _send_now(self, data: bytes, *, secret: bool = False) -> None:
-        sockio = self._socket_io()
-        sockio.send(data, self._remaining())
+        sockio = self._sockio
+        if sockio.sock is not self.io.socket:
+            sockio.use(self.io.socket)  # STARTTLS replaced it
+        deadline = self.deadline
+        sockio.send(data, None if deadline is None else deadline - time.monotonic())
         if secret:
             # SASL data never reaches the log in the clear.
             log.send(sockio.sock, b"".join(map(mask_auth_line, data.splitlines(keepends=True))))
