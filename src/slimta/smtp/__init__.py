@@ -9,6 +9,10 @@ Exception tree::
           +-- BadReply              a reply from a server did not parse
           +-- RemoteProtocolError   the peer broke the protocol; carries a reply
 
+    RuntimeError
+     +-- LocalProtocolError         this side asked for a move the protocol
+                                    does not allow (a bug in the caller)
+
 """
 
 from __future__ import annotations
@@ -16,11 +20,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from slimta.core import SlimtaError
+from slimta.smtp._errors import LocalProtocolError
 
 if TYPE_CHECKING:
     from slimta.smtp.reply import Reply
 
-__all__ = ["BadReply", "ConnectionLost", "MessageTooBig", "RemoteProtocolError", "SmtpError"]
+__all__ = [
+    "BadReply",
+    "ConnectionLost",
+    "LocalProtocolError",
+    "MessageTooBig",
+    "RemoteProtocolError",
+    "SmtpError",
+]
 
 
 class SmtpError(SlimtaError):

@@ -25,7 +25,7 @@ from slimta.logging import getSocketLogger
 from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
-from slimta.smtp._sockio import RECV_SIZE, SocketIO
+from slimta.smtp._sockio import RECV_SIZE, LoopWait, SocketIO
 from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT, ST_BDAT, ST_DATA
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
@@ -135,7 +135,7 @@ class Server:
         self._log_io = log.log.isEnabledFor(logging.DEBUG)
         self._started = False
         self._park_remaining: float | None = None
-        self._park_watchers: tuple[Any, Any] | None = None
+        self._park: LoopWait | None = None
         self._park_expired = False
         self._data_deadline: float | None = None
         self._command_deadline: float | None = None
@@ -224,25 +224,18 @@ class Server:
 
         .. versionadded:: 4.0
         """
-        loop = gevent.get_hub().loop
-        watcher = loop.io(self.io.socket.fileno(), 1)
-        remaining = self._park_remaining
-        timer = loop.timer(remaining) if remaining is not None else None
-        self._park_watchers = (watcher, timer)
 
         def wake(timed_out: bool) -> None:
-            self._stop_park()
+            self._park = None
             self._park_expired = timed_out
             on_wake()
 
-        watcher.start(wake, False)
-        if timer is not None:
-            timer.start(wake, True)
+        self._park = LoopWait(self.io.socket.fileno(), self._park_remaining, wake)
 
     @property
     def parked(self) -> bool:
         """True while the session waits in the event loop (see :meth:`park`)."""
-        return self._park_watchers is not None
+        return self._park is not None
 
     def stop(self, code: str = "421", message: str = "4.3.2 Service shutting down") -> None:
         """End the session now with a last reply, parked or not.
@@ -267,13 +260,10 @@ class Server:
         self._use_socket()
 
     def _stop_park(self) -> None:
-        watchers = self._park_watchers
-        self._park_watchers = None
-        if watchers is not None:
-            for watcher in watchers:
-                if watcher is not None:
-                    watcher.stop()
-                    watcher.close()
+        park = self._park
+        self._park = None
+        if park is not None:
+            park.cancel()
 
     def _loop(self, conn: ServerConnection, park_after: float | None) -> bool:
         handlers = self.handlers
