@@ -231,15 +231,9 @@ class SocketIO:
         if raw is None:
             return None
         try:
-            data: bytes = raw.recv(RECV_SIZE)
+            return recv_or_lost(raw)
         except BlockingIOError:
             return None
-        except OSError as exc:
-            _raise_if_reset(exc)
-            raise
-        if not data:
-            raise ConnectionLost()
-        return data
 
     def recv(self, timeout: float | None, wait_first: bool = False) -> bytes:
         """Read what arrives, waiting at most *timeout* seconds for it.
