@@ -11,8 +11,10 @@ then send it a message, e.g. with ``swaks --server 127.0.0.1:2525 --to you@examp
 
 Every accepted message is first stored durably in the disk queue
 (:class:`slimta.diskstorage.DiskStorage` under ``--spool``): the ``250``
-reply, which names the queue id, is sent only once it is on disk. The queue
-then delivers it, retrying with backoff and bouncing what fails for good:
+reply, which names the queue id, is sent only once it is on disk, with a
+``Received:`` header on top and ``Date:`` and ``Message-Id:`` added when the
+client sent none (:mod:`slimta.policy.headers`). The queue then delivers
+it, retrying with backoff and bouncing what fails for good:
 
 * by default, into ``--mailbox``: one ``<id>.eml`` file per delivered
   message, with ``Return-Path`` and ``Delivered-To`` headers (a local
@@ -44,6 +46,7 @@ import gevent
 from slimta.diskstorage import DiskStorage
 from slimta.edge.smtp import SmtpEdge, SmtpValidators
 from slimta.envelope import Envelope
+from slimta.policy.headers import AddDateHeader, AddMessageIdHeader, AddReceivedHeader
 from slimta.queue import Queue
 from slimta.relay import Relay, TransientRelayError
 from slimta.relay.smtp.mx import MxSmtpRelay
@@ -146,6 +149,9 @@ def main() -> None:
     store = DiskStorage(os.path.join(spool, "env"), os.path.join(spool, "meta"))
     relay, destination = build_relay(args)
     queue = Queue(store, relay)
+    queue.add_policy(AddDateHeader())
+    queue.add_policy(AddMessageIdHeader(args.hostname))
+    queue.add_policy(AddReceivedHeader())
     queue.start()
     # Bind here rather than passing (host, port), so that an address in use
     # fails at once and the log shows the real port when --port is 0.

@@ -96,6 +96,9 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.relay.blackhole": {"BlackholeRelay"},
     # [8]
     "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},
+    "slimta.policy.headers": {"AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"},
+    "slimta.policy.forward": {"Forward"},
+    "slimta.policy.split": {"RecipientSplit", "RecipientDomainSplit"},
     # [14]
     "slimta.diskstorage": {"DiskStorage"},
     # [11], [12.1]
