@@ -99,11 +99,24 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.policy.headers": {"AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"},
     "slimta.policy.forward": {"Forward"},
     "slimta.policy.split": {"RecipientSplit", "RecipientDomainSplit"},
+    # python-slimta-lookup 0.3.1
+    "slimta.lookup.drivers": {
+        "LookupBase",
+        "DictLookup",
+        "RegexLookup",
+        "RedisLookup",
+        "DBAPI2Lookup",
+        "SQLite3Lookup",
+    },
+    "slimta.lookup.policy": {"LookupPolicy"},
+    "slimta.lookup.auth": {"LookupAuth"},
     # [14]
     "slimta.diskstorage": {"DiskStorage"},
     # [11], [12.1]
     "slimta.util.dns": {"DNSError", "DNSResolver"},
     "slimta.util.ptrlookup": {"PtrLookup"},
+    # [12.5]
+    "slimta.util.dnsbl": {"DnsBlocklist", "DnsBlocklistGroup", "check_dnsbl"},
     # [12.3]
     "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]

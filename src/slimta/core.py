@@ -1,6 +1,8 @@
 """Root of the slimta exception tree and the package version.
 
-Every exception class the package defines derives from :class:`SlimtaError`::
+Every exception class the package defines derives from :class:`SlimtaError`,
+except :class:`slimta.smtp.LocalProtocolError`, a :exc:`RuntimeError` that
+means a bug in the caller rather than a mail error::
 
     SlimtaError
      +-- slimta.smtp.SmtpError
@@ -10,6 +12,7 @@ Every exception class the package defines derives from :class:`SlimtaError`::
      +-- slimta.relay.RelayError
      |    +-- PermanentRelayError, TransientRelayError
      +-- slimta.policy.PolicyError
+     +-- slimta.lookup.LookupFailed
 
 """
 

@@ -266,7 +266,9 @@ def make_edge(
     monkeypatch.setattr(Server, "park", park_and_record)
 
     def factory(**kwargs: Any) -> tuple[RecordingSmtpEdge, int, RecordingQueue]:
-        queue = kwargs.pop("queue", None) or RecordingQueue()
+        queue = kwargs.pop("queue", None)
+        if queue is None:
+            queue = RecordingQueue()
         kwargs.setdefault("hostname", HOSTNAME)
         edge = RecordingSmtpEdge(("127.0.0.1", 0), queue, **kwargs)
         edge.server.init_socket()  # bind now, so the port is known
