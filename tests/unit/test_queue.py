@@ -838,3 +838,82 @@ def test_public_names(module: str, names: set[str]) -> None:
     assert set(imported.__all__) == names
     for name in names:
         assert hasattr(imported, name)
+
+
+# --- bounces that cannot be queued keep their message ------------------------
+
+
+class BrokenBounceQueue:
+    """A bounce queue that fails (raising, or returning an error) until fixed."""
+
+    def __init__(self, raising: bool) -> None:
+        self.raising = raising
+        self.broken = True
+        self.bounces: list[Envelope] = []
+
+    def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, Any]]:
+        if self.broken:
+            if self.raising:
+                raise OSError("bounce storage is full")
+            return [(envelope, QueueError("bounce storage is full"))]
+        self.bounces.append(envelope)
+        return [(envelope, "bounce-id")]
+
+
+@pytest.mark.parametrize("raising", [True, False])
+def test_permanent_failure_kept_until_its_bounce_is_queued(
+    make: Callable[..., Harness], raising: bool
+) -> None:
+    bounce_queue = BrokenBounceQueue(raising)
+    relay = FakeRelay(PermanentRelayError("no such user"), PermanentRelayError("no such user"))
+    h = make(relay, bounce_queue=bounce_queue)
+    h.queue.start()
+    [(_, id)] = h.queue.enqueue(make_envelope())
+    relay.next_call()
+    h.settle()
+    assert h.store.load() == [(START + 300.0, id)]
+    assert bounce_queue.bounces == []
+    bounce_queue.broken = False
+    h.advance(300.0)
+    relay.next_call()
+    h.settle()
+    assert h.size() == 0
+    assert [b.recipients for b in bounce_queue.bounces] == [["sender@x.test"]]
+
+
+def test_recipient_failure_kept_until_its_bounce_is_queued(make: Callable[..., Harness]) -> None:
+    bounce_queue = BrokenBounceQueue(raising=False)
+    relay = FakeRelay(
+        {"a@x.test": None, "b@x.test": PermanentRelayError("no such user")},
+        {"b@x.test": PermanentRelayError("no such user")},
+    )
+    h = make(relay, bounce_queue=bounce_queue, backoff=lambda envelope, attempts: 60.0)
+    h.queue.start()
+    h.queue.enqueue(make_envelope(rcpts=["a@x.test", "b@x.test"]))
+    relay.next_call()
+    h.settle()
+    assert h.size() == 1
+    bounce_queue.broken = False
+    h.advance(60.0)
+    # Only the recipient whose bounce is owed is tried again.
+    assert relay.next_call() == (["b@x.test"], 1, "sender@x.test")
+    h.settle()
+    assert h.size() == 0
+    assert len(bounce_queue.bounces) == 1
+
+
+def test_give_up_kept_until_its_bounce_is_queued(make: Callable[..., Harness]) -> None:
+    bounce_queue = BrokenBounceQueue(raising=True)
+    relay = FakeRelay(TransientRelayError("later"), TransientRelayError("later"))
+    h = make(relay, bounce_queue=bounce_queue, backoff=lambda envelope, attempts: None)
+    h.queue.start()
+    [(_, id)] = h.queue.enqueue(make_envelope())
+    relay.next_call()
+    h.settle()
+    assert h.store.load() == [(START + 300.0, id)]
+    bounce_queue.broken = False
+    h.advance(300.0)
+    relay.next_call()
+    h.settle()
+    assert h.size() == 0
+    assert len(bounce_queue.bounces) == 1

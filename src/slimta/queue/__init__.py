@@ -126,6 +126,8 @@ MAX_QUEUE_LIFETIME = 5 * 24 * 3600.0
 #: Seconds to wait before asking ``store.get`` again for a message whose
 #: read failed (Postfix ``queue_run_delay``).
 _GET_RETRY_DELAY = 300.0
+#: Seconds before a message whose bounce could not be queued is tried again.
+_BOUNCE_RETRY_DELAY = 300.0
 
 #: How many loaded entries are merged into :attr:`Queue.queued` at a time.
 _LOAD_BATCH = 1000
@@ -669,7 +671,8 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         except TransientRelayError as exc:
             return self._retry_later(id, envelope, [(r, exc.reply) for r in recipients])
         except PermanentRelayError as exc:
-            self._bounce(envelope, recipients, exc.reply)
+            if not self._bounce(envelope, recipients, exc.reply):
+                return self._bounce_later(id)
             self._store_call(self.store.remove, id)
             return None
         except Exception as exc:
@@ -682,8 +685,16 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         # Relay policies may have rewritten the addresses the results use.
         names = envelope.recipients if len(envelope.recipients) == len(recipients) else recipients
         outcomes = _Outcomes.classify(recipients, names, results)
+        unbounced: list[tuple[str, Reply]] = []
         for group, reply in self._group_by_reply(outcomes.permanent):
-            self._bounce(envelope, group, reply)
+            if not self._bounce(envelope, group, reply):
+                unbounced.extend((rcpt, reply) for rcpt in group)
+        if unbounced:
+            # Their bounce could not be queued: they are tried, and bounced,
+            # again rather than forgotten.
+            kept = {rcpt for rcpt, _ in unbounced}
+            outcomes.done = [i for i in outcomes.done if recipients[i] not in kept]
+            outcomes.transient.extend(unbounced)
         if not outcomes.transient:
             self._store_call(self.store.remove, id)
             return None
@@ -698,8 +709,12 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         attempts = self._store_call(self.store.increment_attempts, id)
         wait = self.backoff(envelope, attempts)
         if wait is None:
-            for group, reply in self._group_by_reply(failed):
+            bounced = [
                 self._bounce(envelope, group, _given_up(reply))
+                for group, reply in self._group_by_reply(failed)
+            ]
+            if not all(bounced):
+                return self._bounce_later(id)
             self._store_call(self.store.remove, id)
             return None
         when = self.clock() + wait
@@ -713,23 +728,36 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
             groups.setdefault(_reply_key(reply), ([], reply))[0].append(rcpt)
         return list(groups.values())
 
-    def _bounce(self, envelope: Envelope, recipients: list[str], reply: Reply) -> None:
-        """Enqueue a bounce to the sender of *envelope* for *recipients*."""
+    def _bounce_later(self, id: str) -> float:
+        """Keep message *id* for another attempt: a bounce it owes was not queued."""
+        when = self.clock() + _BOUNCE_RETRY_DELAY
+        self._store_call(self.store.set_timestamp, id, when)
+        return when
+
+    def _bounce(self, envelope: Envelope, recipients: list[str], reply: Reply) -> bool:
+        """Enqueue a bounce to the sender of *envelope* for *recipients*.
+
+        :returns: ``False`` when a bounce is due but could not be queued; the
+            caller then keeps the message, so that the report is not lost.
+        """
         if not envelope.sender:
-            return  # RFC 5321 section 4.5.5: never report on null reverse-path mail.
+            return True  # RFC 5321 section 4.5.5: never report on null reverse-path mail.
         notify = envelope.dsn_notify or {}
         wanted = [rcpt for rcpt in recipients if _wants_failure_dsn(notify.get(rcpt))]
         if not wanted:
-            return
+            return True
         failed = envelope if wanted == envelope.recipients else envelope.copy(wanted)
         try:
             bounce = self.bounce_factory(failed, reply)
             if bounce is None:
-                return
+                return True
             results = self.bounce_queue.enqueue(bounce)
         except Exception:
             slogging.log_exception(__name__)
-            return
+            return False
+        queued = True
         for _, outcome in results:
             if isinstance(outcome, BaseException):
                 _log.error("bounce to %r not queued: %r", envelope.sender, outcome)
+                queued = False
+        return queued
