@@ -99,6 +99,7 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.policy.headers": {"AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"},
     "slimta.policy.forward": {"Forward"},
     "slimta.policy.split": {"RecipientSplit", "RecipientDomainSplit"},
+    "slimta.policy.spamassassin": {"SpamAssassin", "SpamAssassinError"},
     # python-slimta-lookup 0.3.1
     "slimta.lookup.drivers": {
         "LookupBase",
