@@ -16,6 +16,11 @@ Modes:
   --relay smtp        SmtpEdge -> Queue(storage) -> StaticSmtpRelay to
                       --sink-host:--sink-port (the default mode)
 
+Policies for the two Queue modes (--policies, default from the environment
+variable SLIMTA_BENCH_POLICIES, else "none"): "headers" adds
+AddDateHeader, AddMessageIdHeader and AddReceivedHeader
+(slimta.policy.headers, in python-slimta 5.0.5 too) to the queue.
+
 Storage for the two Queue modes (--storage, default from the environment
 variable SLIMTA_BENCH_STORAGE, else "dict"):
 
@@ -55,6 +60,8 @@ import gevent
 EDGE_HOSTNAME = "bench.localhost"
 STORAGE_ENV = "SLIMTA_BENCH_STORAGE"
 STORAGE_CHOICES = ("dict", "disk")
+POLICIES_ENV = "SLIMTA_BENCH_POLICIES"
+POLICY_CHOICES = ("none", "headers")
 
 
 class InstantQueue:
@@ -139,6 +146,7 @@ class Counters:
     def __init__(self, mode, storage_kind):
         self.mode = mode
         self.storage_kind = storage_kind
+        self.policies = "none"
         self.t0 = time.time()
         self.bounced = 0
         self.failures = []
@@ -170,6 +178,7 @@ class Counters:
             out["delivered"] = self.relay.delivered
         if self.storage is not None:
             out["storage"] = self.storage_kind
+            out["policies"] = self.policies
             try:
                 out["queue_size"] = self.storage.get_info().get("size")
             except Exception as exc:  # e.g. a backend without get_info()
@@ -233,6 +242,12 @@ def parse_args(argv):
         help=f"queue storage for the Queue modes (default: ${STORAGE_ENV} "
         "or dict; ignored with --edge-only)",
     )
+    p.add_argument(
+        "--policies",
+        choices=POLICY_CHOICES,
+        default=os.environ.get(POLICIES_ENV) or "none",
+        help=f"queue policies for the Queue modes (default: ${POLICIES_ENV} or none)",
+    )
     p.add_argument("--sink-host", default="127.0.0.1")
     p.add_argument("--sink-port", type=int)
     p.add_argument(
@@ -263,6 +278,8 @@ def parse_args(argv):
         help="seconds after which the process exits by itself (%(default)s)",
     )
     args = p.parse_args(argv)
+    if args.policies not in POLICY_CHOICES:  # a bad $SLIMTA_BENCH_POLICIES
+        p.error(f"--policies must be one of {', '.join(POLICY_CHOICES)}, got {args.policies!r}")
     if args.storage not in STORAGE_CHOICES:  # a bad $SLIMTA_BENCH_STORAGE
         choices = ", ".join(STORAGE_CHOICES)
         p.error(f"--storage must be one of {choices}, got {args.storage!r}")
@@ -298,6 +315,17 @@ def main(argv=None):
         if tmp:
             scratch.append(tmp)
         queue = Queue(counters.storage, counters.relay, bounce_factory=counters.bounce_factory)
+        if args.policies == "headers":
+            from slimta.policy.headers import (
+                AddDateHeader,
+                AddMessageIdHeader,
+                AddReceivedHeader,
+            )
+
+            queue.add_policy(AddDateHeader())
+            queue.add_policy(AddMessageIdHeader(EDGE_HOSTNAME))
+            queue.add_policy(AddReceivedHeader())
+            counters.policies = "headers"
         queue.start()
 
     from slimta.edge.smtp import SmtpEdge
