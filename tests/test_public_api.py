@@ -118,6 +118,9 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.util.ptrlookup": {"PtrLookup"},
     # [12.5]
     "slimta.util.dnsbl": {"DnsBlocklist", "DnsBlocklistGroup", "check_dnsbl"},
+    # python-slimta-spf 0.2.0, in the core since 5.0
+    "slimta.util.spf": {"EnforceSpf"},
+    "slimta.spf": {"EnforceSpf"},
     # [12.3]
     "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]
