@@ -100,6 +100,8 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.policy.forward": {"Forward"},
     "slimta.policy.split": {"RecipientSplit", "RecipientDomainSplit"},
     "slimta.policy.spamassassin": {"SpamAssassin", "SpamAssassinError"},
+    # an addition of this rewrite
+    "slimta.policy.dkim": {"DkimSign", "DEFAULT_SIGNED_HEADERS"},
     # python-slimta-lookup 0.3.1
     "slimta.lookup.drivers": {
         "LookupBase",
