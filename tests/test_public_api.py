@@ -102,6 +102,7 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.policy.spamassassin": {"SpamAssassin", "SpamAssassinError"},
     # an addition of this rewrite
     "slimta.policy.dkim": {"DkimSign", "DEFAULT_SIGNED_HEADERS"},
+    "slimta.policy.authres": {"AddAuthenticationResults"},
     # python-slimta-lookup 0.3.1
     "slimta.lookup.drivers": {
         "LookupBase",
