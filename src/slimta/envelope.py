@@ -238,6 +238,33 @@ class Envelope:
         for key, item in existing:
             msg.set_raw(key, item)
 
+    def append_header(self, name: str, value: str) -> None:
+        """Add a header after all existing ones (e.g. a missing ``Date:``).
+
+        The same rules as :meth:`prepend_header`; adding a header does not
+        parse the header block.
+
+        .. versionadded:: 4.0
+        """
+        if _FIELD_NAME.fullmatch(name) is None:
+            raise ValueError(f"Invalid header name: {name!r}")
+        value = value.replace("\r\n", "\n").lstrip(" \t")
+        if _BAD_VALUE.search(value) is not None:
+            raise ValueError(f"Invalid header value for {name}: {value!r}")
+        encoded = value.encode("utf-8", "surrogateescape")
+        raw = self._raw_headers
+        if raw is None and self._headers is None:
+            raw = b"\r\n"
+        if raw is not None:
+            line = b"%s: %s\r\n" % (name.encode("ascii"), encoded.replace(b"\n", b"\r\n"))
+            # The block ends with the empty line: the new field goes before it.
+            self._raw_headers = raw[:-2] + line + b"\r\n"
+            return
+        stored = value if value.isascii() else encoded.decode("ascii", "surrogateescape")
+        msg = self._headers
+        assert msg is not None
+        msg.set_raw(name, stored)
+
     def copy(self, new_rcpts: list[str] | None = None) -> Self:
         """Return a deep copy of the envelope: headers, client dict, all.
 

@@ -387,6 +387,49 @@ def test_prepend_header_value_lazy_and_parsed_agree(value: str, line: bytes) -> 
     assert lazy.flatten() == expected
 
 
+# --- append_header -----------------------------------------------------------
+
+
+def test_append_header_lazy(header_parses: list[bytes]) -> None:
+    env = parsed(SPEC_MESSAGE)
+    env.append_header("Date", "Sun, 06 Dec 2026 05:00:00 +0000")
+    env.append_header("Message-Id", "<a@b>")
+    assert env.flatten() == (
+        b"From: x\r\nSubject: hi\r\n"
+        b"Date: Sun, 06 Dec 2026 05:00:00 +0000\r\nMessage-Id: <a@b>\r\n\r\n",
+        b"body\r\n",
+    )
+    assert header_parses == []
+    assert env.headers is not None
+    assert env.headers.keys() == ["From", "Subject", "Date", "Message-Id"]
+
+
+@pytest.mark.parametrize("value", ["<a@b>", "h\u00e9llo", "a\r\n\tb"])
+def test_append_header_lazy_and_parsed_agree(value: str) -> None:
+    lazy = parsed(SPEC_MESSAGE)
+    lazy.append_header("X-Added", value)
+    eager = parsed(SPEC_MESSAGE)
+    assert eager.headers is not None
+    eager.append_header("X-Added", value)
+    assert lazy.flatten() == eager.flatten()
+    assert lazy.flatten()[0].startswith(b"From: x\r\nSubject: hi\r\nX-Added: ")
+
+
+def test_append_header_without_headers() -> None:
+    env = Envelope(message=b"body")
+    env.append_header("Date", "now")
+    assert env.flatten() == (b"Date: now\r\n\r\n", b"body")
+
+
+@pytest.mark.parametrize("value", ["a\r\nBcc: x", "a\nBcc: x", "a\rb", "a\x0cb"])
+def test_append_header_rejects_line_breaks(value: str) -> None:
+    for env in (parsed(SPEC_MESSAGE), Envelope()):
+        with pytest.raises(ValueError):
+            env.append_header("X-Added", value)
+    with pytest.raises(ValueError):
+        parsed(SPEC_MESSAGE).append_header("Bad Name", "v")
+
+
 @pytest.mark.parametrize("name", ["", "Bad Name", "Bad:Name", "Caf\u00e9", "Tab\t"])
 def test_prepend_header_rejects_bad_names(name: str) -> None:
     with pytest.raises(ValueError):

@@ -257,14 +257,12 @@ def _has_field(envelope: Envelope, field: re.Pattern[bytes]) -> bool:
 
 
 def _add_field(envelope: Envelope, name: str, value: str) -> None:
-    """Append a header to *envelope* (the first one when it has none)."""
-    headers = envelope.headers
-    if headers is None:
-        envelope.prepend_header(name, value)
-    else:
-        # Appended, not prepended: above the first field it would split the
-        # block of trace fields (RFC 5322 3.6.7).
-        headers[name] = value
+    """Append a header to *envelope*, without parsing its header block.
+
+    Appended, not prepended: above the first field it would split the block
+    of trace fields (RFC 5322 3.6.7).
+    """
+    envelope.append_header(name, value)
 
 
 def _fold(words: list[str], start: int) -> str:
