@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import ipaddress
 import re
 import time
@@ -109,6 +110,9 @@ class AddDateHeader(QueuePolicy):
        locale.
     """
 
+    _last_second: int | None = None
+    _last_text = ""
+
     def build_date(self, timestamp: float) -> str:
         """Write *timestamp* as an RFC 5322 date-time in local time.
 
@@ -117,8 +121,13 @@ class AddDateHeader(QueuePolicy):
         :param timestamp: epoch seconds.
         :returns: e.g. ``'Sun, 06 Dec 2026 05:10:00 +0100'``.
         """
-        utc = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-        return email.utils.format_datetime(utc.astimezone())
+        second = int(timestamp)
+        if second != self._last_second:
+            # Messages queued in the same second share the text.
+            utc = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            self._last_text = email.utils.format_datetime(utc.astimezone())
+            self._last_second = second
+        return self._last_text
 
     def apply(self, envelope: Envelope) -> None:
         """Add ``Date:`` to *envelope* unless it has one (in any letter case)."""
@@ -203,12 +212,21 @@ class AddReceivedHeader(QueuePolicy):
         #: The :func:`time.strftime` format of the date, in UTC.
         self.date_format = date_format
 
+    _last_date: tuple[int, str, str] | None = None
+
     def _date(self, timestamp: float) -> str:
+        second = int(timestamp)
+        last = self._last_date
+        if last is not None and last[0] == second and last[1] == self.date_format:
+            return last[2]  # messages queued in the same second share the text
         if self.date_format == _DEFAULT_RECEIVED_DATE:
             # strftime's %a and %b follow the locale; RFC 5322 wants English.
-            utc = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-            return email.utils.format_datetime(utc)
-        return time.strftime(self.date_format, time.gmtime(timestamp))
+            utc = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            text = email.utils.format_datetime(utc)
+        else:
+            text = time.strftime(self.date_format, time.gmtime(second))
+        self._last_date = (second, self.date_format, text)
+        return text
 
     def apply(self, envelope: Envelope) -> None:
         """Prepend ``Received:`` to *envelope*."""
@@ -293,6 +311,12 @@ def _address_literal(ip: object) -> str | None:
     """The RFC 5321 4.1.3 address literal of *ip*, or ``None`` if it is not one."""
     if not isinstance(ip, str):
         return None
+    return _literal_of(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_of(ip: str) -> str | None:
+    # Clients come back: parse each address once.
     try:
         # A zone index (fe80::1%eth0) means nothing beyond this host.
         address = ipaddress.ip_address(ip.partition("%")[0])
@@ -339,6 +363,12 @@ def _domain(name: object, utf8: bool, *, literals: bool) -> str | None:
     """
     if not isinstance(name, str) or not name:
         return None
+    return _checked_domain(name, utf8, literals)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_domain(name: str, utf8: bool, literals: bool) -> str | None:
+    # Client and server names come back: check each once.
     if name.isascii():
         if _ascii_domain_ok(name) or (literals and _literal_ok(name)):
             return name
