@@ -118,6 +118,25 @@ _SPLITLINES_ONLY = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _DECODED_CTES = frozenset(("quoted-printable", "base64", "x-uuencode", "uuencode", "uue", "x-uue"))
 
 
+def _header_field(name: str, value: str) -> tuple[bytes, str]:
+    """A header field to add: its line for a raw block, and its value as the
+    parser stores received ones (8-bit bytes as surrogates), so that a parsed
+    block writes it back unchanged.
+
+    :raises ValueError: an invalid field name, or a line break that would
+        end the field.
+    """
+    if _FIELD_NAME.fullmatch(name) is None:
+        raise ValueError(f"Invalid header name: {name!r}")
+    value = value.replace("\r\n", "\n").lstrip(" \t")
+    if _BAD_VALUE.search(value) is not None:
+        raise ValueError(f"Invalid header value for {name}: {value!r}")
+    encoded = value.encode("utf-8", "surrogateescape")
+    line = b"%s: %s\r\n" % (name.encode("ascii"), encoded.replace(b"\n", b"\r\n"))
+    stored = value if value.isascii() else encoded.decode("ascii", "surrogateescape")
+    return line, stored
+
+
 class Envelope:
     """One message and the SMTP envelope it travels in.
 
@@ -213,22 +232,13 @@ class Envelope:
         :raises ValueError: The name is not a valid field name, or the value
             holds a line break that would end the header.
         """
-        if _FIELD_NAME.fullmatch(name) is None:
-            raise ValueError(f"Invalid header name: {name!r}")
-        value = value.replace("\r\n", "\n").lstrip(" \t")
-        if _BAD_VALUE.search(value) is not None:
-            raise ValueError(f"Invalid header value for {name}: {value!r}")
-        encoded = value.encode("utf-8", "surrogateescape")
+        line, stored = _header_field(name, value)
         raw = self._raw_headers
         if raw is None and self._headers is None:
             raw = b"\r\n"
         if raw is not None:
-            line = b"%s: %s\r\n" % (name.encode("ascii"), encoded.replace(b"\n", b"\r\n"))
             self._raw_headers = line + raw
             return
-        # Store the value as the parser stores received ones (raw, with 8-bit
-        # bytes as surrogates) so the policy writes it back unchanged.
-        stored = value if value.isascii() else encoded.decode("ascii", "surrogateescape")
         msg = self._headers
         assert msg is not None
         existing = list(msg.raw_items())
@@ -246,21 +256,14 @@ class Envelope:
 
         .. versionadded:: 4.0
         """
-        if _FIELD_NAME.fullmatch(name) is None:
-            raise ValueError(f"Invalid header name: {name!r}")
-        value = value.replace("\r\n", "\n").lstrip(" \t")
-        if _BAD_VALUE.search(value) is not None:
-            raise ValueError(f"Invalid header value for {name}: {value!r}")
-        encoded = value.encode("utf-8", "surrogateescape")
+        line, stored = _header_field(name, value)
         raw = self._raw_headers
         if raw is None and self._headers is None:
             raw = b"\r\n"
         if raw is not None:
-            line = b"%s: %s\r\n" % (name.encode("ascii"), encoded.replace(b"\n", b"\r\n"))
             # The block ends with the empty line: the new field goes before it.
             self._raw_headers = raw[:-2] + line + b"\r\n"
             return
-        stored = value if value.isascii() else encoded.decode("ascii", "surrogateescape")
         msg = self._headers
         assert msg is not None
         msg.set_raw(name, stored)
