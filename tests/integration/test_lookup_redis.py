@@ -77,7 +77,7 @@ class RedisServer:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not answer PING on port {self.port}")
-            gevent.sleep(0.05)
+            gevent.sleep(0.05)  # polling a foreign process: no event to wait on
 
     def stop(self) -> None:
         self.client.close()

@@ -56,21 +56,18 @@ class Handoff(NamedTuple):
     def from_results(cls, results: list[tuple[Envelope, Any]]) -> Handoff:
         """Classify ``enqueue()`` results by their first entry (spec 5.2)."""
         outcome = results[0][1] if results else None
-        if type(outcome) is str:
-            # The usual case: queued under this id.
-            text = f"Message accepted for delivery; queued as {outcome}"
-            return cls(results, outcome, _unchecked_reply("250", "2.6.0", text))
-        if isinstance(outcome, _REFUSALS):
-            # A QueueError may leave the reply to the edge; a RelayError
-            # (from ProxyQueue) always carries the remote server's.
-            if outcome.reply is not None and outcome.reply.code:
-                return cls(results, None, Reply().copy(outcome.reply))
-            return cls(results, None, _queue_failed())
-        if outcome is None or isinstance(outcome, BaseException):
-            return cls(results, None, _queue_failed())
-        queued_as = str(outcome)
-        text = f"Message accepted for delivery; queued as {queued_as}"
-        return cls(results, queued_as, _unchecked_reply("250", "2.6.0", text))
+        if type(outcome) is not str:  # the usual case, an id, skips the checks
+            if isinstance(outcome, _REFUSALS):
+                # A QueueError may leave the reply to the edge; a RelayError
+                # (from ProxyQueue) always carries the remote server's.
+                if outcome.reply is not None and outcome.reply.code:
+                    return cls(results, None, Reply().copy(outcome.reply))
+                return cls(results, None, _queue_failed())
+            if outcome is None or isinstance(outcome, BaseException):
+                return cls(results, None, _queue_failed())
+            outcome = str(outcome)
+        text = f"Message accepted for delivery; queued as {outcome}"
+        return cls(results, outcome, _unchecked_reply("250", "2.6.0", text))
 
 
 #: Errors in ``enqueue()`` results that carry the reply for the client.

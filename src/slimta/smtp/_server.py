@@ -59,6 +59,7 @@ from slimta.smtp._state import (
     MV_TLS,
     MV_VERDICT,
     NEXT,
+    RECEIVING_CONTENT,
     ST_AUTH,
     ST_BDAT,
     ST_CLOSED,
@@ -260,8 +261,7 @@ class ServerConnection:
     @property
     def receiving_content(self) -> bool:
         """True while message content (DATA or an accepted BDAT chunk) is read."""
-        state = self.state
-        return state is ST_DATA or state is ST_BDAT
+        return self.state in RECEIVING_CONTENT
 
     # ------------------------------------------------------------ decisions
     def greet(self, code: int, message: str) -> None:

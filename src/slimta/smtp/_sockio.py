@@ -251,6 +251,7 @@ class SocketIO:
         deadline: float | None = None
         while True:
             if not wait_first:
+                # recv_or_lost() inline: this read is on every command's path.
                 try:
                     data: bytes = raw.recv(RECV_SIZE)
                 except BlockingIOError:

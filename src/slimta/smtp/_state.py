@@ -38,6 +38,7 @@ __all__ = [
     "HAVE_RCPT",
     "KNOWN_VERBS",
     "NEXT",
+    "RECEIVING_CONTENT",
     "TRANSITIONS",
     "Move",
     "State",
@@ -216,6 +217,8 @@ TRANSITIONS: dict[tuple[State, Move], State] = _Table(
 
 #: States after a 220 greeting (:attr:`slimta.smtp.server.Server.bannered`).
 BANNERED = tuple(state for state in State if state not in (ST_GREETING, ST_NO_SERVICE))
+#: States in which message content (DATA, an accepted BDAT chunk) is read.
+RECEIVING_CONTENT = (ST_DATA, ST_BDAT)
 #: States with a MAIL command accepted.
 HAVE_MAIL = (ST_MAIL, ST_RCPT, ST_DATA, ST_BDAT)
 #: States with at least one recipient accepted.

@@ -26,7 +26,7 @@ from slimta.smtp import ConnectionLost, MessageTooBig, RemoteProtocolError
 from slimta.smtp import _events as ev
 from slimta.smtp._server import ServerConnection
 from slimta.smtp._sockio import RECV_SIZE, LoopWait, SocketIO
-from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT, ST_BDAT, ST_DATA
+from slimta.smtp._state import BANNERED, HAVE_MAIL, HAVE_RCPT, RECEIVING_CONTENT
 from slimta.smtp.auth import AuthSession, ServerAuthError, build_sasl, mask_auth_line
 from slimta.smtp.extensions import Extensions
 from slimta.smtp.io import IO
@@ -340,8 +340,8 @@ class Server:
         when *park_after* passed first."""
         timeout: float | None
         parking = False
-        state = conn.state
-        content = state is ST_DATA or state is ST_BDAT
+        # The core's receiving_content, without a property call per read.
+        content = conn.state in RECEIVING_CONTENT
         if content and self.data_timeout is not None:
             # data_timeout bounds the whole transfer, not each read.
             now = time.monotonic()

@@ -25,7 +25,6 @@ unparsable reply) the server's last 421 or ``421 4.3.0 <error>``.
 
 from __future__ import annotations
 
-import socket as _socket
 import ssl
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from slimta.smtp._client import (
 )
 from slimta.smtp.client import Client
 from slimta.smtp.reply import Reply, tls_failure
+from slimta.util._hostname import local_fqdn
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -172,7 +172,7 @@ class SmtpRelayClient(RelayPoolClient):
     :param socket_creator: ``f((host, port)) -> socket``; defaults to
         :func:`gevent.socket.create_connection`.
     :param ehlo_as: the EHLO name, or ``f((host, port)) -> str``; defaults to
-        :func:`socket.getfqdn`.
+        :func:`socket.getfqdn` (looked up once per process).
     :param context: the client :class:`ssl.SSLContext`;
         ``ssl.create_default_context()`` when ``None``.
     :param tls_immediately: TLS from the first byte (port 465).
@@ -266,7 +266,7 @@ class SmtpRelayClient(RelayPoolClient):
     def _get_ehlo_as(self) -> str:
         ehlo_as = self.ehlo_as
         if ehlo_as is None:
-            return _socket.getfqdn()
+            return local_fqdn()
         if callable(ehlo_as):
             return ehlo_as(self.address)
         return ehlo_as
