@@ -917,3 +917,30 @@ def test_give_up_kept_until_its_bounce_is_queued(make: Callable[..., Harness]) -
     h.settle()
     assert h.size() == 0
     assert len(bounce_queue.bounces) == 1
+
+
+# --- failed attempts are logged for the operator -------------------------------
+
+
+def test_failures_are_logged_with_their_reply(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = FakeRelay(
+        TransientRelayError("x", Reply("451", "4.4.1 Connection refused")),
+        {"a@x.test": PermanentRelayError("y", Reply("550", "5.1.1 No such user"))},
+    )
+    h = make(relay, backoff=lambda envelope, attempts: 60.0)
+    h.queue.start()
+    with caplog.at_level(logging.WARNING, logger="slimta.queue"):
+        [(_, id)] = h.queue.enqueue(make_envelope())
+        relay.next_call()
+        h.settle()
+        h.advance(60.0)
+        relay.next_call()
+        h.settle()
+    lines = [r.getMessage() for r in caplog.records if r.name == "slimta.queue"]
+    assert lines == [
+        f"message {id} to <a@x.test> deferred (attempt 1, next in 60 s): "
+        "451 4.4.1 Connection refused",
+        f"message {id} to <a@x.test> failed: 550 5.1.1 No such user",
+    ]

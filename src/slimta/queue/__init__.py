@@ -227,6 +227,12 @@ def _given_up(reply: Reply) -> Reply:
     return given_up
 
 
+def _log_failures(id: str, failed: list[tuple[str, Reply]], what: str) -> None:
+    """Tell the operator why message *id* was not delivered to *failed*."""
+    for rcpt, reply in failed:
+        _log.warning("message %s to <%s> %s: %s", id, rcpt, what, reply)
+
+
 def _unhandled_reply(exc: BaseException) -> Reply:
     # The text may end up in a bounce or a log line: keep it on one line.
     text = " ".join(str(exc).split())
@@ -671,6 +677,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         except TransientRelayError as exc:
             return self._retry_later(id, envelope, [(r, exc.reply) for r in recipients])
         except PermanentRelayError as exc:
+            _log_failures(id, [(r, exc.reply) for r in recipients], "failed")
             if not self._bounce(envelope, recipients, exc.reply):
                 return self._bounce_later(id)
             self._store_call(self.store.remove, id)
@@ -686,6 +693,8 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         names = envelope.recipients if len(envelope.recipients) == len(recipients) else recipients
         outcomes = _Outcomes.classify(recipients, names, results)
         unbounced: list[tuple[str, Reply]] = []
+        if outcomes.permanent:
+            _log_failures(id, outcomes.permanent, "failed")
         for group, reply in self._group_by_reply(outcomes.permanent):
             if not self._bounce(envelope, group, reply):
                 unbounced.extend((rcpt, reply) for rcpt in group)
@@ -709,6 +718,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         attempts = self._store_call(self.store.increment_attempts, id)
         wait = self.backoff(envelope, attempts)
         if wait is None:
+            _log_failures(id, failed, f"gave up after {attempts} attempts")
             bounced = [
                 self._bounce(envelope, group, _given_up(reply))
                 for group, reply in self._group_by_reply(failed)
@@ -717,6 +727,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
                 return self._bounce_later(id)
             self._store_call(self.store.remove, id)
             return None
+        _log_failures(id, failed, f"deferred (attempt {attempts}, next in {wait:.0f} s)")
         when = self.clock() + wait
         self._store_call(self.store.set_timestamp, id, when)
         return when
