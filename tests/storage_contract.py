@@ -42,6 +42,7 @@ import pytest
 
 from slimta.envelope import Envelope
 from slimta.queue import QueueStorage
+from slimta.util.ids import is_uuid4_hex, uuid4_hex
 
 __all__ = ["StorageContract", "make_envelope"]
 
@@ -121,6 +122,24 @@ class StorageContract:
     def test_ids_are_unique(self, storage: QueueStorage) -> None:
         ids = [storage.write(make_envelope(), 100.0) for _ in range(50)]
         assert len(set(ids)) == 50
+
+    def test_proposed_queue_id_is_kept_while_free(self, storage: QueueStorage) -> None:
+        envelope = make_envelope()
+        envelope.queue_id = uuid4_hex()
+        assert storage.write(envelope, 100.0) == envelope.queue_id
+        # A copy carrying the same id (a split message) gets one of its own.
+        other = storage.write(envelope.copy(), 100.0)
+        assert other != envelope.queue_id
+        assert is_uuid4_hex(other)
+        assert storage.get(other)[0].recipients == envelope.recipients
+
+    @pytest.mark.parametrize("proposed", ["../../etc/passwd", "ABC", "0" * 32, "x\r\ny", ""])
+    def test_malformed_queue_id_is_not_used(self, storage: QueueStorage, proposed: str) -> None:
+        envelope = make_envelope()
+        envelope.queue_id = proposed
+        id = storage.write(envelope, 100.0)
+        assert is_uuid4_hex(id)
+        storage.get(id)
 
     def test_get_returns_envelope_and_zero_attempts(self, storage: QueueStorage) -> None:
         envelope = make_envelope()

@@ -175,6 +175,12 @@ class Envelope:
     dsn_ret: str | None = None
     #: ``ENVID`` of MAIL, xtext-decoded.
     dsn_envid: str | None = None
+    #: The id the queue gave the message when it accepted it, before any
+    #: queue policy ran (32 lowercase hex digits); ``None`` until then. It is
+    #: the ``id`` clause of the ``Received`` header, and the storages of this
+    #: package store the message under it while it is free: always, unless a
+    #: policy split the message, when each further part gets an id of its own.
+    queue_id: str | None = None
     #: ``NOTIFY`` of each RCPT, by recipient address: ``('NEVER',)`` or some
     #: of ``'SUCCESS'``, ``'FAILURE'``, ``'DELAY'``.
     dsn_notify: dict[str, tuple[str, ...]] | None = None

@@ -39,6 +39,7 @@ from slimta.logging import parseline
 from slimta.queue import QueueError, QueueStorage
 
 # tests/ is on sys.path (pyproject: pythonpath = ["tests"]).
+from slimta.util.ids import uuid4_hex
 from storage_contract import StorageContract, make_envelope
 
 # Native-thread primitives even when another test module monkey-patched the
@@ -859,3 +860,17 @@ def test_envelope_kept_whole(spool: Path) -> None:
     id = storage.write(envelope, 1.0)
     got, _ = open_storage(spool).get(id)
     assert got.flatten() == envelope.flatten()
+
+
+def test_concurrent_copies_with_one_queue_id_get_distinct_ids(spool: Path) -> None:
+    # The commit yields to the hub (fsync on the thread pool): both writes are
+    # in flight together, so the first id must be held before its commit ends.
+    storage = open_storage(spool)
+    envelope = make_envelope()
+    envelope.queue_id = uuid4_hex()
+    writers = [gevent.spawn(storage.write, envelope.copy(), 100.0) for _ in range(3)]
+    gevent.joinall(writers, raise_error=True)
+    ids = [writer.value for writer in writers]
+    assert len(set(ids)) == 3
+    assert envelope.queue_id in ids
+    assert sorted(id for _, id in open_storage(spool).load()) == sorted(ids)

@@ -25,12 +25,14 @@ import slimta.policy.headers as headers_module
 from slimta.core import __version__
 from slimta.envelope import Envelope
 from slimta.policy.headers import AddDateHeader, AddMessageIdHeader, AddReceivedHeader
+from slimta.policy.split import RecipientSplit
 from slimta.queue import Queue
 from slimta.queue.dict import DictStorage
 
 #: 2001-09-09 01:46:40 UTC.
 T = 1_000_000_000.0
 T_DATE = "Sun, 09 Sep 2001 01:46:40 +0000"
+QUEUE_ID = "0123456789ab4def8123456789abcdef"
 BODY = b"Subject: hi\r\nFrom: <s@example.com>\r\n\r\nbody\r\n"
 CLIENT = {
     "ip": "192.0.2.1",
@@ -274,6 +276,25 @@ def test_received_full() -> None:
     envelope = make()
     AddReceivedHeader().apply(envelope)
     assert still_raw(envelope)
+
+
+def test_received_id_is_the_queue_id() -> None:
+    envelope = make()
+    envelope.queue_id = QUEUE_ID
+    assert received(envelope) == (
+        "from client.example.com (mail.example.com [192.0.2.1])"
+        f" by mx.example.org (slimta {__version__}) with ESMTPS id {QUEUE_ID}"
+        f" for <r@example.org>; {T_DATE}"
+    )
+
+
+@pytest.mark.parametrize("queue_id", [None, "", "abc", QUEUE_ID.upper(), "x\r\nBcc: <e@x>", "a b"])
+def test_received_id_left_out_unless_a_queue_id(queue_id: str | None) -> None:
+    envelope = make()
+    envelope.queue_id = queue_id
+    value = received(envelope)
+    assert " id " not in value
+    assert value.startswith("from client.example.com")
 
 
 def test_received_is_always_prepended() -> None:
@@ -598,7 +619,23 @@ def test_queue_stores_the_headers_in_order() -> None:
         "Date",
         "Message-Id",
     ]
-    assert str(msg["Received"]).endswith(f"for <r@example.org>; {T_DATE}")
+    assert str(msg["Received"]).endswith(f"id {id} for <r@example.org>; {T_DATE}")
     assert str(msg["Date"]) == T_DATE  # the queue stamped the envelope
     assert re.fullmatch(r"<[0-9a-f]{32}\.1000000000@mx\.example\.org>", str(msg["Message-Id"]))
     assert stored.flatten()[1] == b"body\r\n"
+
+
+def test_queue_split_message_keeps_its_received_id_on_the_first_part() -> None:
+    store = DictStorage()
+    queue = Queue(store, clock=lambda: T)
+    queue.add_policy(AddReceivedHeader())
+    queue.add_policy(RecipientSplit())
+    envelope = make(recipients=["a@example.org", "b@example.org"])
+    results = queue.enqueue(envelope)
+    ids = [id for _, id in results]
+    assert len(set(ids)) == 2
+    stamped = {str(parse(store.get(id)[0])["Received"]) for id in ids}
+    # Both parts carry the one Received field written on arrival; its id is
+    # the message's queue id, which the first part is stored under.
+    [value] = stamped
+    assert f" id {ids[0]};" in " ".join(value.split())

@@ -129,7 +129,7 @@ from slimta.diskstorage._spool import (
 from slimta.envelope import Envelope
 from slimta.logging import getQueueStorageLogger, logline
 from slimta.queue import QueueError, QueueStorage
-from slimta.util.ids import uuid4_hex
+from slimta.util.ids import preferred_id
 
 __all__ = ["DiskStorage"]
 
@@ -226,6 +226,7 @@ class DiskStorage(QueueStorage):
         # Every stored message's metadata. Authoritative: updates are made
         # here first (so concurrent greenlets never lose one), then written.
         self._meta: dict[str, Meta] = {}
+        self._writing: set[str] = set()
         # Per message, the delivered set as of the latest get() or write():
         # what set_recipients_delivered() indexes are relative to.
         self._views: dict[str, frozenset[int]] = {}
@@ -303,15 +304,22 @@ class DiskStorage(QueueStorage):
 
         :param envelope: the message.
         :param timestamp: epoch seconds of the first delivery attempt.
-        :returns: the new id, ``uuid4().hex``.
+        :returns: the new id, ``uuid4().hex``: ``envelope.queue_id`` when it is
+            one and free.
         :raises QueueError: when the message could not be stored (disk
             full, permissions ...); no file of it is left behind.
         """
         timestamp = float(timestamp)
         payload = encode_envelope(timestamp, pickle.dumps(envelope, pickle.HIGHEST_PROTOCOL))
-        id = uuid4_hex()
+        id = preferred_id(envelope.queue_id, self._meta, self._writing)
         meta = Meta(timestamp, 0, _NONE_DELIVERED)
-        self._check(self._commit(NewMessage(id, payload)), "storing message", id)
+        # Held while the commit yields, so that no concurrent write of a copy
+        # of this envelope (a split message) can pick the same id.
+        self._writing.add(id)
+        try:
+            self._check(self._commit(NewMessage(id, payload)), "storing message", id)
+        finally:
+            self._writing.discard(id)
         self._meta[id] = meta
         self._views[id] = _NONE_DELIVERED
         _queue_log.write(id, envelope)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from slimta.core import __version__
 from slimta.policy import QueuePolicy
 from slimta.util._hostname import local_fqdn
-from slimta.util.ids import uuid4_hex
+from slimta.util.ids import is_uuid4_hex, uuid4_hex
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -176,8 +176,8 @@ class AddReceivedHeader(QueuePolicy):
     The field reads, folded at 78 characters::
 
         Received: from <EHLO name> (<PTR name> [<client IP>])
-         by <receiver> (slimta <version>) with <protocol> for <recipient>;
-         <date>
+         by <receiver> (slimta <version>) with <protocol> id <queue id>
+         for <recipient>; <date>
 
     from ``envelope.client`` (``name``, ``host``, ``ip``, ``protocol``),
     :attr:`~slimta.envelope.Envelope.receiver` (default this host's FQDN)
@@ -194,8 +194,9 @@ class AddReceivedHeader(QueuePolicy):
     * ``for`` is written only when the message has exactly one recipient
       (RFC 5321 section 4.4: one path at most, so that Bcc recipients are not
       disclosed), and only for a well-formed address;
-    * there is no ``id`` clause: queue policies run before the queue
-      assigns the message its id.
+    * ``id`` is :attr:`~slimta.envelope.Envelope.queue_id`, the id the
+      queue gave the message on arrival and stores it under (left out when
+      there is none);
 
     :param date_format: a :func:`time.strftime` format for the date, applied
         to UTC; the default gives an RFC 5322 date with day and month names
@@ -253,6 +254,8 @@ class AddReceivedHeader(QueuePolicy):
         words += [f"by {receiver}", f"(slimta {__version__})"]
         if protocol is not None:
             words.append(f"with {protocol}")
+        if is_uuid4_hex(envelope.queue_id):
+            words.append(f"id {envelope.queue_id}")
         if len(envelope.recipients) == 1:
             path = _path(envelope.recipients[0], utf8)
             if path is not None:

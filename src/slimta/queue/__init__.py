@@ -25,6 +25,7 @@ from slimta.core import SlimtaError
 from slimta.policy import QueuePolicy
 from slimta.relay import PermanentRelayError, RecipientResult, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
+from slimta.util.ids import uuid4_hex
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -423,7 +424,9 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         is stored (concurrently) with the current time as its next attempt,
         and, when there is a relay, each stored one is attempted at once.
         An envelope without a :attr:`~slimta.envelope.Envelope.timestamp` is
-        stamped with the current time first.
+        stamped with the current time first, and one without a
+        :attr:`~slimta.envelope.Envelope.queue_id` is given a new one, before
+        the policies run (``AddReceivedHeader`` writes it).
 
         :param envelope: the message.
         :returns: ``[(envelope, id), ...]``, one per stored envelope, with a
@@ -434,6 +437,8 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         now = self.clock()
         if envelope.timestamp is None:
             envelope.timestamp = now
+        if envelope.queue_id is None:
+            envelope.queue_id = uuid4_hex()
         envelopes = self._apply_policies(envelope)
         if len(envelopes) == 1 and self.store_pool is None:
             outcomes = [self._write(envelopes[0], now)]

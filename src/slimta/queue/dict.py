@@ -10,7 +10,7 @@ from typing import Any
 from slimta.envelope import Envelope
 from slimta.logging import getQueueStorageLogger
 from slimta.queue import QueueError, QueueStorage
-from slimta.util.ids import uuid4_hex
+from slimta.util.ids import preferred_id
 
 __all__ = ["DictStorage"]
 
@@ -116,10 +116,7 @@ class DictStorage(QueueStorage):
             stored = self._copy(envelope)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise QueueError(f"Cannot store message: {exc}") from exc
-        while True:
-            id = uuid4_hex()
-            if id not in self.env_db:
-                break
+        id = preferred_id(envelope.queue_id, self.env_db)
         self.env_db[id] = stored
         self.meta_db[id] = {"timestamp": timestamp, "attempts": 0}
         log.write(id, envelope)
