@@ -84,6 +84,7 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.queue.proxy": {"ProxyQueue"},
     # [4.6], [4.9]
     "slimta.smtp.datasender": {"DataSender"},
+    "slimta.smtp.datareader": {"DataReader"},
     "slimta.smtp.client": {"Client", "LmtpClient"},
     # [7]
     "slimta.relay": {"PermanentRelayError", "TransientRelayError", "Relay"},
@@ -128,6 +129,8 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.util.bytesformat": {"BytesFormat"},
     # [12.4]
     "slimta.util.deque": {"BlockingDeque"},
+    # [12.6]
+    "slimta.util.pycompat": {"PY2", "PY3", "urlparse", "httplib", "reprlib"},
 }
 
 
