@@ -506,6 +506,10 @@ def test_connection_refused(relays: Any) -> None:
     with pytest.raises(SmtpTransientRelayError) as info:
         relays(port).attempt(message(), 0)
     assert info.value.reply.code == "451" and info.value.reply.command == b"[CONNECT]"
+    # The reply names the host and the error, for the log and the bounce.
+    assert info.value.reply.message == (
+        f"4.3.0 Connection failed: 127.0.0.1:{port}: Connection refused"
+    )
 
 
 def test_lmtp_per_recipient_data_replies(relays: Any, scripted: Any) -> None:

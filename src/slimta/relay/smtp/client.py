@@ -19,7 +19,7 @@ One :class:`SmtpRelayClient` runs one connection (spec 7.5):
 Every network step runs under a :class:`gevent.Timeout` started (and
 caught) here, so no step can hang: a timeout becomes
 ``421 4.4.2 Connection timed out``, a socket error
-``451 4.3.0 Connection failed``, a broken session (closed connection,
+``451 4.3.0 Connection failed: <host>:<port>: <error>``, a broken session (closed connection,
 unparsable reply) the server's last 421 or ``421 4.3.0 <error>``.
 """
 
@@ -501,14 +501,22 @@ class SmtpRelayClient(RelayPoolClient):
             else:
                 reply = self._reply("421", f"4.3.0 {exc}", self._step)
             self._fail(SmtpTransientRelayError(reply))
-        except OSError:
+        except OSError as exc:
             self._broken = True
-            self._fail(
-                SmtpTransientRelayError(self._reply("451", "4.3.0 Connection failed", self._step))
-            )
+            # Operators read this in the log: say where and why.
+            detail = f"4.3.0 Connection failed: {_peer(self.address)}: {exc.strerror or exc}"
+            self._fail(SmtpTransientRelayError(self._reply("451", detail, self._step)))
         except Exception as exc:
             self._broken = True
             slogging.log_exception(__name__)
             self._fail(exc)
         finally:
             self._disconnect()
+
+
+def _peer(address: object) -> str:
+    """``host:port`` (``[v6]:port``) of a ``(host, port)`` address, else its text."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
