@@ -95,6 +95,7 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.relay.smtp.static": {"StaticSmtpRelay", "StaticLmtpRelay"},
     "slimta.relay.smtp.mx": {"MxSmtpRelay", "NoDomainError"},
     "slimta.relay.blackhole": {"BlackholeRelay"},
+    "slimta.relay.pipe": {"PipeRelay", "MaildropRelay", "DovecotLdaRelay"},
     # [8]
     "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},
     "slimta.policy.headers": {"AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"},
@@ -222,6 +223,18 @@ SPEC_SIGNATURES: dict[tuple[str, str], list[tuple[str, Any]]] = {
     ("slimta.smtp.io", "IO.__init__"): [("socket", _EMPTY), ("address", None)],
     # [7.5]
     ("slimta.relay.smtp.mx", "MxSmtpRelay.__init__"): [("context", None)],
+    # [7.6]
+    ("slimta.relay.pipe", "PipeRelay.__init__"): [("args", _EMPTY), ("timeout", None)],
+    ("slimta.relay.pipe", "MaildropRelay.__init__"): [
+        ("path", None),
+        ("timeout", None),
+        ("extra_args", None),
+    ],
+    ("slimta.relay.pipe", "DovecotLdaRelay.__init__"): [
+        ("path", None),
+        ("timeout", None),
+        ("extra_args", None),
+    ],
     ("slimta.relay.smtp.mx", "MxSmtpRelay.force_mx"): [
         ("domain", _EMPTY),
         ("destination", _EMPTY),
