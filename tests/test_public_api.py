@@ -96,6 +96,12 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.relay.smtp.mx": {"MxSmtpRelay", "NoDomainError"},
     "slimta.relay.blackhole": {"BlackholeRelay"},
     "slimta.relay.pipe": {"PipeRelay", "MaildropRelay", "DovecotLdaRelay"},
+    "slimta.relay.http": {"HttpRelay"},
+    # [5.3]
+    "slimta.edge.wsgi": {"WsgiEdge", "WsgiValidators", "WsgiResponse"},
+    # [13.2]
+    "slimta.http": {"HTTPConnection", "HTTPSConnection", "get_connection"},
+    "slimta.http.wsgi": {"WsgiServer"},
     # [8]
     "slimta.policy": {"PolicyError", "QueuePolicy", "RelayPolicy"},
     "slimta.policy.headers": {"AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"},
@@ -234,6 +240,27 @@ SPEC_SIGNATURES: dict[tuple[str, str], list[tuple[str, Any]]] = {
         ("path", None),
         ("timeout", None),
         ("extra_args", None),
+    ],
+    # [7.7]
+    ("slimta.relay.http", "HttpRelay.__init__"): [
+        ("url", _EMPTY),
+        ("pool_size", None),
+        ("context", None),
+        ("ehlo_as", None),
+        ("timeout", None),
+        ("idle_timeout", None),
+    ],
+    # [5.3]
+    ("slimta.edge.wsgi", "WsgiEdge.__init__"): [
+        ("queue", _EMPTY),
+        ("hostname", None),
+        ("validator_class", None),
+        ("uri_pattern", None),
+    ],
+    ("slimta.edge.wsgi", "WsgiResponse.__init__"): [
+        ("status", _EMPTY),
+        ("headers", None),
+        ("data", None),
     ],
     ("slimta.relay.smtp.mx", "MxSmtpRelay.force_mx"): [
         ("domain", _EMPTY),
