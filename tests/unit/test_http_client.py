@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 from typing import Any
 from urllib.parse import urlparse, urlsplit
@@ -12,6 +13,7 @@ import pytest
 
 from slimta.http import HTTPConnection, HTTPSConnection, get_connection
 from slimta.relay.http import HttpRelay, _parse_smtp_reply
+from slimta.util._connect import create_connection
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -80,8 +82,52 @@ def test_bad_port_is_refused() -> None:
 @pytest.mark.parametrize("cls", [HTTPConnection, HTTPSConnection])
 def test_connections_open_gevent_sockets(cls: type[http.client.HTTPConnection]) -> None:
     conn = cls("mail.example.com", 8080, timeout=3.0)
-    assert conn._create_connection is gevent.socket.create_connection  # type: ignore[attr-defined]
+    assert conn._create_connection is create_connection  # type: ignore[attr-defined]
     assert (conn.host, conn.port, conn.timeout) == ("mail.example.com", 8080, 3.0)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_address_literals_connect_without_the_resolver(
+    family: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    try:
+        listener = socket.create_server((host, 0), family=family)
+    except OSError:
+        pytest.skip(f"no {host} here")
+    port = listener.getsockname()[1]
+
+    def no_resolver(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the resolver was asked for an address literal")
+
+    monkeypatch.setattr(gevent.socket, "getaddrinfo", no_resolver)
+    monkeypatch.setattr(gevent.socket, "create_connection", no_resolver)
+    with listener, create_connection((host, port), 3.0) as sock:
+        assert isinstance(sock, gevent.socket.socket)
+        assert sock.family == family
+        assert sock.gettimeout() == 3.0
+        assert sock.getpeername()[:2] == (host, port)
+
+
+def test_names_are_resolved_through_gevent(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+
+    def fake(address: object, *args: object, **kwargs: object) -> None:
+        calls.append(address)
+        raise OSError("resolved")
+
+    monkeypatch.setattr(gevent.socket, "create_connection", fake)
+    with pytest.raises(OSError, match="resolved"):
+        create_connection(("mail.example.com", 25))
+    assert calls == [("mail.example.com", 25)]
+
+
+def test_a_refused_literal_closes_its_socket() -> None:
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        create_connection(("127.0.0.1", port))
 
 
 def test_connections_are_stdlib_connections() -> None:

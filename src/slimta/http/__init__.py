@@ -26,7 +26,7 @@ import ssl
 from typing import Any
 from urllib.parse import ParseResult, ParseResultBytes, SplitResult, SplitResultBytes, urlsplit
 
-import gevent.socket
+from slimta.util._connect import create_connection
 
 __all__ = ["HTTPConnection", "HTTPSConnection", "get_connection"]
 
@@ -62,7 +62,7 @@ class HTTPConnection(http.client.HTTPConnection):
         )
         # http.client opens its socket through this attribute (proxy tunnel
         # and TCP_NODELAY included); only the socket module changes.
-        self._create_connection = gevent.socket.create_connection
+        self._create_connection = create_connection
 
 
 class HTTPSConnection(http.client.HTTPSConnection):
@@ -107,7 +107,7 @@ class HTTPSConnection(http.client.HTTPSConnection):
             context=context,
             blocksize=blocksize,
         )
-        self._create_connection = gevent.socket.create_connection
+        self._create_connection = create_connection
         self._tls_context = context
 
     def connect(self) -> None:

@@ -47,6 +47,7 @@ from slimta.smtp._client import (
 )
 from slimta.smtp.client import Client
 from slimta.smtp.reply import Reply, tls_failure
+from slimta.util._connect import create_connection
 from slimta.util._hostname import local_fqdn
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ class SmtpRelayClient(RelayPoolClient):
     ) -> None:
         super().__init__(queue, idle_timeout)
         self.address = address
-        self.socket_creator = socket_creator or gevent.socket.create_connection
+        self.socket_creator = socket_creator or create_connection
         self.ehlo_as = ehlo_as
         self.context = context
         self.tls_immediately = tls_immediately
