@@ -97,6 +97,8 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.relay.blackhole": {"BlackholeRelay"},
     "slimta.relay.pipe": {"PipeRelay", "MaildropRelay", "DovecotLdaRelay"},
     "slimta.relay.http": {"HttpRelay"},
+    # new in this rewrite
+    "slimta.relay.maildir": {"MaildirRelay"},
     # [5.3]
     "slimta.edge.wsgi": {"WsgiEdge", "WsgiValidators", "WsgiResponse"},
     # [13.2]

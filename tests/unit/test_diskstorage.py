@@ -703,18 +703,18 @@ def test_load_merges_without_losing_updates(spool: Path) -> None:
 
 
 def enospc_on_write(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None = None) -> None:
-    """Make os.write fail with ENOSPC (only the *fail_calls*-th calls, from 0)."""
-    real_write = os.write
+    """Make os.writev fail with ENOSPC (only the *fail_calls*-th calls, from 0)."""
+    real_writev = os.writev
     calls = 0
 
-    def write(fd: int, data: Any) -> int:
+    def writev(fd: int, buffers: Any) -> int:
         nonlocal calls
         calls += 1
         if fail_calls is None or calls - 1 in fail_calls:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
 
 
 def assert_nothing_stored(spool: Path) -> None:

@@ -41,6 +41,7 @@ from slimta.diskstorage._format import (
     parse_header,
     verify,
 )
+from slimta.util._durable import fsync_dir, write_all
 
 __all__ = [
     "ID_PATTERN",
@@ -73,10 +74,6 @@ _SPARE_SUFFIX = ".spare"
 MAX_SPARES = 512
 #: Default :attr:`Spool.syncfs_threshold`: below it, plain fsyncs are cheaper.
 DEFAULT_SYNCFS_THRESHOLD = 3
-
-#: Flags for opening a directory to fsync it.
-_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-
 
 @dataclass(slots=True)
 class NewMessage:
@@ -158,12 +155,6 @@ class ScanResult:
 Op = NewMessage | PutMeta | Remove | Quarantine | Scan
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def read_framed(path: str, kind: bytes) -> bytes:
     """Read and validate one stored file; return its payload.
 
@@ -183,15 +174,6 @@ def read_framed(path: str, kind: bytes) -> bytes:
         raise CorruptFile("file shrank while it was read")
     verify(head, payload)
     return payload
-
-
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory *path* (new names, removals) durable."""
-    fd = os.open(path, _DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -414,7 +396,7 @@ class Spool:
                     try:
                         self._open(file)
                         data = head + payload
-                        _write_all(file.fd, data)
+                        write_all(file.fd, (data,))
                         if file.spare:
                             os.ftruncate(file.fd, len(data))
                     except OSError as exc:
