@@ -261,3 +261,36 @@ def test_relay_positional_arguments() -> None:
 def test_relay_refuses_url(url: str) -> None:
     with pytest.raises(ValueError):
         HttpRelay(url)
+
+
+class _RecordingSocket:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+@pytest.mark.parametrize("cls", [HTTPConnection, HTTPSConnection])
+def test_request_head_and_bytes_body_go_in_one_write(
+    cls: type[http.client.HTTPConnection],
+) -> None:
+    conn = cls("mail.example.com")
+    sock = _RecordingSocket()
+    conn.sock = sock
+    conn.request("POST", "/in", body=b"Subject: hi\r\n\r\nbody\r\n", headers={"X-Ehlo": "me"})
+    [write] = sock.writes
+    head, _, body = write.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /in HTTP/1.1\r\n")
+    assert b"\r\nX-Ehlo: me" in head
+    assert b"\r\nContent-Length: 21" in head
+    assert body == b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def test_other_bodies_are_written_as_http_client_does() -> None:
+    conn = HTTPConnection("mail.example.com")
+    sock = _RecordingSocket()
+    conn.sock = sock
+    conn.request("POST", "/in", body=[b"one", b"two"], headers={"Content-Length": "6"})
+    assert sock.writes[1:] == [b"one", b"two"]
+    assert sock.writes[0].endswith(b"\r\n\r\n")
