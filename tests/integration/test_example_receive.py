@@ -1,4 +1,4 @@
-"""examples/slimta-receive.py, the README's first command, as a real process:
+"""examples/slimta-receive.py as a real process:
 a message sent over SMTP is queued on disk and delivered to the mailbox."""
 
 from __future__ import annotations
