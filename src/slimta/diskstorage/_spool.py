@@ -75,6 +75,7 @@ MAX_SPARES = 512
 #: Default :attr:`Spool.syncfs_threshold`: below it, plain fsyncs are cheaper.
 DEFAULT_SYNCFS_THRESHOLD = 3
 
+
 @dataclass(slots=True)
 class NewMessage:
     """Store a new message: its envelope file (which holds its first-attempt
