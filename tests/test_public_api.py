@@ -293,3 +293,81 @@ def test_positional_parameters_kept(module_name: str, qualname: str) -> None:
     # end, must be keyword-only instead.
     assert positional == SPEC_SIGNATURES[(module_name, qualname)]
     assert not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
+#: Every name the package layout of python-slimta 4.0 lists (spec section 0),
+#: by its 4.0 module path: a 4.0 script's ``from <module> import <name>``.
+LAYOUT_4_0: dict[str, tuple[str, ...]] = {
+    "slimta.core": ("SlimtaError", "__version__"),
+    "slimta.envelope": ("Envelope",),
+    "slimta.bounce": ("Bounce",),
+    "slimta.edge": ("Edge", "EdgeServer"),
+    "slimta.edge.smtp": ("SmtpEdge", "SmtpValidators"),
+    "slimta.edge.wsgi": ("WsgiEdge", "WsgiValidators", "WsgiResponse"),
+    "slimta.smtp": ("SmtpError", "ConnectionLost", "MessageTooBig", "BadReply"),
+    "slimta.smtp.reply": ("Reply",),
+    "slimta.smtp.server": ("Server",),
+    "slimta.smtp.client": ("Client", "LmtpClient"),
+    "slimta.smtp.auth": ("AuthSession", "ServerAuthError"),
+    "slimta.smtp.extensions": ("Extensions",),
+    "slimta.smtp.datareader": ("DataReader",),
+    "slimta.smtp.datasender": ("DataSender",),
+    "slimta.smtp.io": ("IO",),
+    "slimta.queue": ("Queue", "QueueStorage", "QueueError"),
+    "slimta.queue.dict": ("DictStorage",),
+    "slimta.queue.proxy": ("ProxyQueue",),
+    "slimta.relay": ("Relay", "RelayError", "PermanentRelayError", "TransientRelayError"),
+    "slimta.relay.pool": ("RelayPool", "RelayPoolClient"),
+    "slimta.relay.blackhole": ("BlackholeRelay",),
+    "slimta.relay.pipe": ("PipeRelay", "MaildropRelay", "DovecotLdaRelay"),
+    "slimta.relay.http": ("HttpRelay",),
+    "slimta.relay.smtp": ("SmtpRelayError", "SmtpTransientRelayError", "SmtpPermanentRelayError"),
+    "slimta.relay.smtp.client": ("SmtpRelayClient",),
+    "slimta.relay.smtp.lmtpclient": ("LmtpRelayClient",),
+    "slimta.relay.smtp.static": ("StaticSmtpRelay", "StaticLmtpRelay"),
+    "slimta.relay.smtp.mx": ("MxSmtpRelay", "NoDomainError"),
+    "slimta.policy": ("PolicyError", "QueuePolicy", "RelayPolicy"),
+    "slimta.policy.headers": ("AddDateHeader", "AddMessageIdHeader", "AddReceivedHeader"),
+    "slimta.policy.forward": ("Forward",),
+    "slimta.policy.split": ("RecipientSplit", "RecipientDomainSplit"),
+    "slimta.policy.spamassassin": ("SpamAssassin", "SpamAssassinError"),
+    "slimta.http": ("HTTPConnection", "HTTPSConnection", "get_connection"),
+    "slimta.http.wsgi": ("WsgiServer",),
+    "slimta.logging": (
+        "getSocketLogger",
+        "getSubprocessLogger",
+        "getQueueStorageLogger",
+        "getHttpLogger",
+        "log_exception",
+        "logline",
+        "parseline",
+    ),
+    "slimta.logging.socket": ("SocketLogger", "socket_error_log_level"),
+    "slimta.logging.subprocess": ("SubprocessLogger",),
+    "slimta.logging.queuestorage": ("QueueStorageLogger",),
+    "slimta.logging.http": ("HttpLogger",),
+    "slimta.util": ("build_ipv4_socket_creator", "create_connection_ipv4"),
+    "slimta.util.system": ("daemonize", "redirect_stdio", "drop_privileges", "PidFile"),
+    "slimta.util.dns": ("DNSResolver", "DNSError"),
+    "slimta.util.dnsbl": ("DnsBlocklist", "DnsBlocklistGroup", "check_dnsbl"),
+    "slimta.util.ptrlookup": ("PtrLookup",),
+    "slimta.util.proxyproto": ("ProxyProtocol", "ProxyProtocolV1", "ProxyProtocolV2"),
+    "slimta.util.bytesformat": ("BytesFormat",),
+    "slimta.util.deque": ("BlockingDeque",),
+    "slimta.util.pycompat": ("PY2", "PY3", "urlparse", "httplib", "reprlib"),
+}
+
+
+def test_layout_counts_every_name_once() -> None:
+    names = [(module, name) for module, names in LAYOUT_4_0.items() for name in names]
+    assert len(names) == len(set(names)) == 99
+
+
+@pytest.mark.parametrize(
+    ("module_name", "name"),
+    [(module, name) for module, names in LAYOUT_4_0.items() for name in names],
+)
+def test_every_4_0_name_imports_from_its_4_0_path(module_name: str, name: str) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"from {module_name} import {name}", namespace)
+    assert namespace[name] is not None
