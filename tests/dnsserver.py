@@ -23,6 +23,11 @@ records) for names without the type. Per name, :meth:`DnsServer.fail` makes
 it SERVFAIL and :meth:`DnsServer.drop` makes it never answer (a timeout);
 :meth:`DnsServer.heal` undoes both.
 
+DNSSEC, as a validating resolver would report it: answers for the names given
+to :meth:`DnsServer.authenticate` (records, NXDOMAIN or NODATA) carry the AD
+bit when the query asks for it (AD or DO set); :meth:`DnsServer.unauthenticate`
+takes it away. Nothing is signed: the bit is the claim a client trusts.
+
 Counters: ``server.queries[("example.test.", "MX")]`` (names lower-case,
 with the trailing dot) and ``server.total_queries`` count every query
 received, answered or not.
@@ -126,6 +131,8 @@ class DnsServer:
         self.servfail: set[str] = set()
         #: Names never answered.
         self.dropped: set[str] = set()
+        #: Names whose answers carry the AD bit (see :meth:`authenticate`).
+        self.authenticated: set[str] = set()
         #: ``('name.', 'TYPE') -> queries received``.
         self.queries: collections.Counter[tuple[str, str]] = collections.Counter()
         #: All queries received.
@@ -189,6 +196,14 @@ class DnsServer:
         self.servfail.discard(_abs_name(name))
         self.dropped.discard(_abs_name(name))
 
+    def authenticate(self, *names: str) -> None:
+        """Set the AD bit on answers for *names* (to queries asking for it)."""
+        self.authenticated.update(_abs_name(name) for name in names)
+
+    def unauthenticate(self, *names: str) -> None:
+        """Undo :meth:`authenticate` for *names*."""
+        self.authenticated.difference_update(_abs_name(name) for name in names)
+
     def count(self, name: str, rtype: str) -> int:
         """Queries received for *name* and *rtype*."""
         return self.queries[(_abs_name(name), rtype.upper())]
@@ -238,6 +253,9 @@ class DnsServer:
                 response.additional.append(
                     dns.rrset.from_text(_NO_CACHE_NAME, 0, "IN", "TXT", '"no-cache"')
                 )
+        wants_ad = query.flags & dns.flags.AD or query.ednsflags & dns.flags.DO
+        if qname in self.authenticated and wants_ad and response.rcode() != dns.rcode.SERVFAIL:
+            response.flags |= dns.flags.AD
         if tcp:
             return response.to_wire(max_size=65535)
         limit = max(512, query.payload if query.edns >= 0 else 512)

@@ -70,20 +70,38 @@ hub of the thread that first uses it.
    accepts record type names (``'MX'``) as well as ``pycares.QUERY_TYPE_*``.
    :meth:`~DNSResolver.query_cached`, :class:`DNSCache`,
    :meth:`~DNSResolver.configure` and :func:`reverse_name` are new.
+
+DNSSEC
+------
+
+c-ares does not report whether an answer was validated. For DANE,
+:class:`TrustedResolver` asks a validating resolver directly (dnspython
+messages over gevent sockets) and returns each answer with its AD bit as a
+:class:`SecureAnswer`::
+
+    resolver = TrustedResolver(["127.0.0.1"])   # a local validating resolver
+    answer = resolver.query("_25._tcp.mx.example.com", "TLSA")
+    if answer.authenticated and answer.records:
+        ...
+
+The AD bit is only as trustworthy as the resolver and the path to it: use
+one on this host or on a trusted network.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gevent
 import pycares
+from gevent import socket as gsocket
 from gevent.event import AsyncResult
 from gevent.monkey import get_original
 
@@ -99,12 +117,16 @@ __all__ = [
     "NaptrRecord",
     "NsRecord",
     "PtrRecord",
+    "SecureAnswer",
     "SoaRecord",
     "SrvRecord",
     "TlsaRecord",
+    "TrustedResolver",
     "TxtRecord",
     "reverse_name",
 ]
+
+_log = logging.getLogger(__name__)
 
 # Answers from an event-thread channel arrive on a c-ares thread; these are
 # the real (never monkey-patched) primitives used to pass them to the hub.
@@ -921,3 +943,360 @@ DNSResolver.cache = DNSCache()
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=DNSResolver._forget_after_fork)
+
+
+# DNSSEC-validated answers ----------------------------------------------------
+#
+# c-ares (and so pycares) does not give the header flags of a response, and
+# DANE (RFC 7672) needs the AD bit of the TLSA answer. TrustedResolver asks
+# the resolver itself, with dnspython building and parsing the messages and
+# gevent sockets carrying them, so that a lookup blocks only its greenlet,
+# with or without monkey-patching. dnspython is imported on first use: it
+# adds tens of milliseconds to the start of every program importing this.
+
+#: EDNS payload size of TrustedResolver's queries (the DNS flag day value).
+_EDNS_PAYLOAD = 1232
+
+_ARES_REFUSED: int = getattr(pycares.errno, "ARES_EREFUSED", pycares.errno.ARES_ESERVFAIL)
+
+
+@dataclass(frozen=True, slots=True)
+class SecureAnswer:
+    """What :meth:`TrustedResolver.query` found, and whether it is validated."""
+
+    #: The records of the type asked for (the record classes of this
+    #: module; TLSA records as :class:`TlsaRecord`); empty for NXDOMAIN or
+    #: NODATA.
+    records: tuple[Any, ...]
+    #: The AD bit of the response: the resolver validated it with DNSSEC
+    #: (for NXDOMAIN and NODATA: the denial is validated).
+    authenticated: bool
+    #: ``None`` for records, ``ARES_ENOTFOUND`` for NXDOMAIN, ``ARES_ENODATA``
+    #: for NODATA.
+    errno: int | None = None
+    #: Seconds the answer is kept by the resolver's cache.
+    ttl: float = 0.0
+
+
+#: Record type names and numbers already seen -> numbers.
+_RDTYPE_CODES: dict[int | str, int] = {}
+
+
+def _rdtype_code(query_type: int | str) -> int:
+    """The number of record type *query_type* (``'TLSA'`` or 52).
+
+    :raises ValueError: an unknown type.
+    """
+    import dns.exception
+    import dns.rdatatype
+
+    try:
+        if isinstance(query_type, str):
+            code = int(dns.rdatatype.from_text(query_type))
+        else:
+            code = int(dns.rdatatype.RdataType.make(query_type))
+    except (dns.exception.DNSException, ValueError):
+        raise ValueError(f"unknown DNS query type: {query_type!r}") from None
+    if len(_RDTYPE_CODES) < 1024:
+        _RDTYPE_CODES[query_type] = code
+    return code
+
+
+def _server_address(server: str) -> tuple[str, int]:
+    """``'192.0.2.1'``, ``'192.0.2.1:5353'``, ``'::1'`` or ``'[::1]:5353'``."""
+    if server.startswith("["):
+        host, _, port = server[1:].partition("]")
+        return host, int(port[1:]) if port.startswith(":") else 53
+    if server.count(":") == 1:
+        host, _, port = server.partition(":")
+        return host, int(port)
+    return server, 53
+
+
+def _system_nameservers() -> list[str]:
+    """The name servers of ``/etc/resolv.conf`` (loopback when there are none)."""
+    import dns.resolver
+
+    try:
+        servers = [str(ns) for ns in dns.resolver.Resolver(configure=True).nameservers]
+    except Exception:  # no or unreadable resolv.conf: the local resolver
+        servers = []
+    return servers or ["127.0.0.1"]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class TrustedResolver:
+    """Asks a DNSSEC-validating resolver and reports its AD bit.
+
+    The AD ("authentic data") bit only means something when the resolver
+    validates DNSSEC itself *and* the path to it cannot be tampered with: use
+    a validating resolver on this host (Unbound, BIND, Knot Resolver on
+    ``127.0.0.1``) or on a trusted network. An attacker between this host and
+    the resolver can set the bit at will. A warning is logged when a server
+    given is not a loopback address.
+
+    Queries ask for AD (RFC 6840 5.7) with EDNS; answers are kept by TTL;
+    identical concurrent queries share one lookup. UDP first, TCP when the
+    answer is truncated; each server is tried in turn, *tries* times.
+
+    :param servers: ``'ip'`` or ``'ip:port'`` (``'[v6]:port'``) strings; by
+        default the name servers of ``/etc/resolv.conf``.
+    :param timeout: seconds to wait for each server's answer.
+    :param tries: rounds over the servers.
+    :param clock: seconds, monotonic; inject one in tests.
+    :param negative_ttl: seconds NXDOMAIN and NODATA are kept when the
+        response gives no SOA.
+    :param max_ttl: the longest time any answer is kept.
+    :param max_entries: how many answers are kept at most.
+
+    .. versionadded:: 4.0
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str] | None = None,
+        *,
+        timeout: float = 3.0,
+        tries: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        negative_ttl: float = 60.0,
+        max_ttl: float = 3600.0,
+        max_entries: int = 10000,
+    ) -> None:
+        names = list(servers) if servers is not None else _system_nameservers()
+        #: ``(host, port)`` of each server, in the order they are tried.
+        self.servers: list[tuple[str, int]] = [_server_address(s) for s in names]
+        if not self.servers:
+            raise ValueError("TrustedResolver needs at least one server")
+        for host, port in self.servers:
+            if not _is_loopback(host):
+                _log.warning(
+                    "DNSSEC answers from %s:%s are trusted: the path to it must be secure",
+                    host,
+                    port,
+                )
+        self.timeout = timeout
+        self.tries = max(1, tries)
+        self.clock = clock
+        self.negative_ttl = negative_ttl
+        self.max_ttl = max_ttl
+        self.max_entries = max_entries
+        #: Queries sent (cache misses).
+        self.lookups = 0
+        #: Queries answered from the cache.
+        self.hits = 0
+        self._entries: dict[tuple[str, int], tuple[float, SecureAnswer]] = {}
+        self._waiting: dict[tuple[str, int], AsyncResult] = {}
+
+    def query(self, name: str, query_type: int | str) -> SecureAnswer:
+        """The answer for *name* and *query_type*, from the cache or the servers.
+
+        Blocks the calling greenlet only.
+
+        :param name: the domain name; case and a trailing dot do not matter.
+        :param query_type: a type name (``'TLSA'``, ``'A'``) or number.
+        :returns: a :class:`SecureAnswer`; NXDOMAIN and NODATA are answers
+            too (with :attr:`~SecureAnswer.errno` set).
+        :raises DNSError: no server answered (``ARES_ETIMEOUT``,
+            ``ARES_ECONNREFUSED``) or each failed (``ARES_ESERVFAIL``: a
+            validating resolver's answer to bogus data, ``ARES_EREFUSED``,
+            ``ARES_EBADRESP``).
+        :raises ValueError: unknown *query_type*.
+        """
+        code = _RDTYPE_CODES.get(query_type)
+        if code is None:
+            code = _rdtype_code(query_type)
+        key = (name.rstrip(".").lower(), code)
+        entry = self._entries.get(key)
+        if entry is not None:
+            if self.clock() < entry[0]:
+                self.hits += 1
+                return entry[1]
+            del self._entries[key]
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            answer: SecureAnswer = waiting.get()
+            return answer
+        ar = self._waiting[key] = AsyncResult()
+        self.lookups += 1
+        try:
+            answer = self._resolve(key[0], code)
+        except BaseException as exc:
+            # A killed lookup fails the others with ARES_ECANCELLED, not with
+            # this greenlet's exception.
+            errno = exc.errno if isinstance(exc, DNSError) else pycares.errno.ARES_ECANCELLED
+            ar.set_exception(DNSError(errno))
+            raise
+        else:
+            ar.set(answer)
+            self._keep(key, answer)
+            return answer
+        finally:
+            if self._waiting.get(key) is ar:
+                del self._waiting[key]
+
+    def clear(self) -> None:
+        """Forget every answer kept."""
+        self._entries.clear()
+
+    def _keep(self, key: tuple[str, int], answer: SecureAnswer) -> None:
+        ttl = min(answer.ttl, self.max_ttl)
+        if ttl <= 0 or self.max_entries <= 0:
+            return
+        now = self.clock()
+        entries = self._entries
+        if len(entries) >= self.max_entries:
+            for old in [k for k, (expiry, _) in entries.items() if expiry <= now]:
+                del entries[old]
+            while len(entries) >= self.max_entries:
+                del entries[next(iter(entries))]
+        entries[key] = (now + ttl, answer)
+
+    def _resolve(self, name: str, code: int) -> SecureAnswer:
+        import dns.exception
+        import dns.flags
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+
+        rdtype = dns.rdatatype.RdataType.make(code)
+        try:
+            query = dns.message.make_query(name, rdtype, use_edns=0, payload=_EDNS_PAYLOAD)
+        except (dns.exception.DNSException, UnicodeError):
+            raise DNSError(pycares.errno.ARES_EBADNAME) from None
+        query.flags |= dns.flags.AD
+        wire = query.to_wire()
+        errno = pycares.errno.ARES_ETIMEOUT
+        for _ in range(self.tries):
+            for server in self.servers:
+                try:
+                    response = self._exchange(query, wire, server)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    errno = pycares.errno.ARES_ECONNREFUSED
+                    continue
+                if response is None:
+                    errno = pycares.errno.ARES_EBADRESP
+                    continue
+                rcode = response.rcode()
+                if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+                    return self._answer(response, rdtype)
+                refused = rcode == dns.rcode.REFUSED
+                errno = _ARES_REFUSED if refused else pycares.errno.ARES_ESERVFAIL
+        raise DNSError(errno)
+
+    def _exchange(self, query: Any, wire: bytes, server: tuple[str, int]) -> Any:
+        """One query to one server: the response, or ``None`` when unusable."""
+        import dns.exception
+        import dns.flags
+        import dns.message
+
+        host, port = server
+        family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
+        sock = gsocket.socket(family, gsocket.SOCK_DGRAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect((host, port))
+            sock.send(wire)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                data = sock.recv(65535)
+                try:
+                    response = dns.message.from_wire(data)
+                except dns.exception.DNSException:
+                    response = None
+                if response is not None and query.is_response(response):
+                    break
+                # Not ours (late answer to an earlier query, garbage): wait on.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+        finally:
+            sock.close()
+        if response.flags & dns.flags.TC:
+            return self._exchange_tcp(query, wire, server)
+        return response
+
+    def _exchange_tcp(self, query: Any, wire: bytes, server: tuple[str, int]) -> Any:
+        import dns.exception
+        import dns.message
+
+        sock = gsocket.create_connection(server, self.timeout)
+        try:
+            sock.sendall(len(wire).to_bytes(2, "big") + wire)
+            size = int.from_bytes(_recv_exactly(sock, 2), "big")
+            data = _recv_exactly(sock, size)
+        finally:
+            sock.close()
+        try:
+            response = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return None
+        return response if query.is_response(response) else None
+
+    def _answer(self, response: Any, rdtype: int) -> SecureAnswer:
+        import dns.flags
+        import dns.rcode
+        import dns.rdatatype
+
+        authenticated = bool(response.flags & dns.flags.AD)
+        records: list[Any] = []
+        ttl: float | None = None
+        # The resolver followed any CNAME chain: keep the records of the type.
+        for rrset in response.answer:
+            if rrset.rdtype != rdtype:
+                continue
+            ttl = rrset.ttl if ttl is None else min(ttl, rrset.ttl)
+            records.extend(_from_rdata(rrset.ttl, rdata) for rdata in rrset)
+        if records:
+            return SecureAnswer(tuple(records), authenticated, None, float(ttl or 0))
+        negative = self.negative_ttl
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA:
+                negative = float(min(rrset.ttl, rrset[0].minimum))
+                break
+        errno = (
+            pycares.errno.ARES_ENOTFOUND
+            if response.rcode() == dns.rcode.NXDOMAIN
+            else pycares.errno.ARES_ENODATA
+        )
+        return SecureAnswer((), authenticated, errno, negative)
+
+
+def _recv_exactly(sock: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionResetError("DNS server closed the connection")
+        data += chunk
+    return data
+
+
+def _from_rdata(ttl: int, rdata: Any) -> Any:
+    """A record of this module from a dnspython rdata (as is for other types)."""
+    import dns.rdatatype
+
+    rdtype = rdata.rdtype
+    if rdtype == dns.rdatatype.TLSA:
+        return TlsaRecord(rdata.usage, rdata.selector, rdata.mtype, bytes(rdata.cert), ttl)
+    if rdtype == dns.rdatatype.A:
+        return ARecord(rdata.address, ttl)
+    if rdtype == dns.rdatatype.AAAA:
+        return AaaaRecord(rdata.address, ttl)
+    if rdtype == dns.rdatatype.MX:
+        return MxRecord(rdata.exchange.to_text().rstrip("."), rdata.preference, ttl)
+    if rdtype == dns.rdatatype.TXT:
+        data = b"".join(rdata.strings)
+        return TxtRecord(data.decode("utf-8", "replace"), data, ttl)
+    if rdtype == dns.rdatatype.CNAME:
+        return CnameRecord(rdata.target.to_text().rstrip("."), ttl)
+    return rdata

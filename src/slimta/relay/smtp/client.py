@@ -38,6 +38,13 @@ from slimta import logging as slogging
 from slimta.relay import RelayError
 from slimta.relay.pool import RelayPoolClient
 from slimta.relay.smtp import SmtpPermanentRelayError, SmtpRelayError, SmtpTransientRelayError
+from slimta.relay.smtp.tlspolicy import (
+    TlsRequirement,
+    TlsResult,
+    classify_tls_error,
+    peer_chain,
+    policy_failure,
+)
 from slimta.smtp import SmtpError
 from slimta.smtp._client import (
     CONVERSION_NOT_ALLOWED,
@@ -194,6 +201,12 @@ class SmtpRelayClient(RelayPoolClient):
         sends every message that BINARYMIME does not need with DATA.
         Content that needs BINARYMIME (NUL bytes, over-long lines) always
         goes as BDAT when the server offers CHUNKING and BINARYMIME.
+    :param tls_requirement: a
+        :class:`~slimta.relay.smtp.tlspolicy.TlsRequirement` (DANE or
+        MTA-STS, set by :class:`~slimta.relay.smtp.mx.MxSmtpRelay`): TLS is
+        negotiated with its context and its check applied to the server's
+        certificates; when it is enforced, a missing or failed STARTTLS ends
+        the session with ``451 4.7.5 <reason>`` before anything is sent.
 
     .. versionchanged:: 4.0
        *context* replaces ``tls``; STARTTLS is opportunistic; EHLO answered
@@ -224,6 +237,7 @@ class SmtpRelayClient(RelayPoolClient):
         binary_encoder: Callable[[Any], None] | None = None,
         *,
         bdat_threshold: int | None = BDAT_THRESHOLD,
+        tls_requirement: TlsRequirement | None = None,
     ) -> None:
         super().__init__(queue, idle_timeout)
         self.address = address
@@ -238,6 +252,8 @@ class SmtpRelayClient(RelayPoolClient):
         self.credentials = credentials
         self.binary_encoder = binary_encoder
         self.bdat_threshold = bdat_threshold
+        #: What TLS must achieve on this connection (DANE, MTA-STS), if anything.
+        self.tls_requirement = tls_requirement
         #: The protocol client while connected.
         self.client: Client | None = None
         self._result: AsyncResult | None = None
@@ -284,12 +300,21 @@ class SmtpRelayClient(RelayPoolClient):
             sock = self.socket_creator(self.address)
         self.client = client = self._client_class(sock, self.address)
         if self.tls_immediately:
+            requirement = self.tls_requirement
+            context: Any = self._get_context()
+            if requirement is not None:
+                context = _ObservedContext(requirement.context)
             with self._deadline(self.command_timeout, b"[TLS]"):
-                ok = client.encrypt(self._get_context())
+                ok = client.encrypt(context)
             if not ok:
                 self._broken = True
+                if requirement is not None:
+                    result, reason = classify_tls_error(context.error, requirement.host)
+                    self._policy_failed(requirement, result, reason, b"[TLS]")
                 reply = self._reply("421", "", b"[TLS]").copy(tls_failure)
                 raise SmtpTransientRelayError(reply)
+            if requirement is not None:
+                self._check_peer(client, requirement, b"[TLS]")
         with self._deadline(self.command_timeout, b"[BANNER]"):
             banner = client.get_banner()
         if banner.is_error():
@@ -305,12 +330,72 @@ class SmtpRelayClient(RelayPoolClient):
                 reply = client.helo(ehlo_as)
         return reply
 
+    def _policy_failed(
+        self, requirement: TlsRequirement, result: TlsResult, reason: str, command: bytes
+    ) -> None:
+        """Report a TLS failure under *requirement*; when it is enforced,
+        end the session with ``451 4.7.5 <reason>``."""
+        requirement.outcome(result, reason)
+        if requirement.enforce:
+            reply = policy_failure(requirement.label, reason, command)
+            reply.address = self.address
+            raise SmtpTransientRelayError(reply)
+
+    def _check_peer(self, client: Client, requirement: TlsRequirement, command: bytes) -> None:
+        """Apply the requirement's certificate check right after the handshake,
+        before anything else is said over the connection."""
+        check = requirement.check
+        if check is not None:
+            failed = check(peer_chain(client.io.socket))
+            if failed is not None:
+                self._policy_failed(requirement, *failed, command)
+                return
+        requirement.outcome(TlsResult.SUCCESS)
+
+    def _starttls_required(self, client: Client, requirement: TlsRequirement) -> None:
+        """STARTTLS under a DANE or MTA-STS requirement.
+
+        Enforced: no STARTTLS offered, STARTTLS refused, a failed handshake or
+        a failed check each end the session with ``451 4.7.5``. Not enforced
+        (MTA-STS testing): each is reported and the session goes on as it
+        would without a policy.
+        """
+        host = requirement.host
+        if "STARTTLS" not in client.extensions:
+            # The stripping attacker removes this line from the EHLO reply.
+            reason = f"{host} did not offer STARTTLS"
+            self._policy_failed(requirement, TlsResult.STARTTLS_NOT_SUPPORTED, reason, b"STARTTLS")
+            if not self.tls_required:
+                return
+        context: Any = _ObservedContext(requirement.context)
+        with self._deadline(self.command_timeout, b"STARTTLS"):
+            reply = client.starttls(context)
+        if reply.code == "220":
+            self._check_peer(client, requirement, b"STARTTLS")
+            reply = self._hello(client)
+            if reply.is_error():
+                raise SmtpRelayError.factory(reply)
+            return
+        # 421 includes a handshake that failed after 220: the socket is closed.
+        self._broken = reply.code == "421"
+        if context.wrapped:
+            result, reason = classify_tls_error(context.error, host)
+        else:
+            result = TlsResult.STARTTLS_NOT_SUPPORTED
+            reason = f"{host} refused STARTTLS: {reply.code} {reply.message}"
+        self._policy_failed(requirement, result, reason, b"STARTTLS")
+        if reply.code == "421" or self.tls_required:
+            raise SmtpRelayError.factory(reply)
+
     def _handshake(self) -> None:
         client = self._require()
         reply = self._hello(client)
         if reply.is_error():
             raise SmtpRelayError.factory(reply)
-        if not client.io.encrypted and (self.tls_required or "STARTTLS" in client.extensions):
+        requirement = self.tls_requirement
+        if requirement is not None and not client.io.encrypted:
+            self._starttls_required(client, requirement)
+        elif not client.io.encrypted and (self.tls_required or "STARTTLS" in client.extensions):
             with self._deadline(self.command_timeout, b"STARTTLS"):
                 reply = client.starttls(self._get_context())
             if reply.code == "220":
@@ -513,6 +598,26 @@ class SmtpRelayClient(RelayPoolClient):
             self._fail(exc)
         finally:
             self._disconnect()
+
+
+class _ObservedContext:
+    """Wraps sockets with *context* and keeps the handshake's error, which
+    :class:`~slimta.smtp.client.Client` only logs, for the reply's reason."""
+
+    __slots__ = ("context", "error", "wrapped")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.error: BaseException | None = None
+        self.wrapped = False
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        self.wrapped = True
+        try:
+            return self.context.wrap_socket(sock, *args, **kwargs)
+        except BaseException as exc:
+            self.error = exc
+            raise
 
 
 def _peer(address: object) -> str:

@@ -30,23 +30,68 @@ One :meth:`MxSmtpRelay.attempt` goes through these steps:
 Delivery to each exchanger goes through a
 :class:`~slimta.relay.smtp.static.StaticSmtpRelay`, one per ``(host, port)``,
 so connections are pooled and reused per exchanger.
+
+TLS that an attacker cannot strip
+---------------------------------
+
+With ``mta_sts=True`` and ``dane=True`` (both off by default, as in 4.0), the
+attempt applies the recipient domain's MTA-STS policy
+(:mod:`slimta.relay.smtp.mtasts`, RFC 8461) and each exchanger's DANE TLSA
+records (:mod:`slimta.relay.smtp.dane`, RFC 7672):
+
+* MTA-STS ``enforce``: MX hosts that match none of the policy's ``mx``
+  patterns are skipped (none left: ``451 4.7.5``); the others must offer
+  STARTTLS and present a certificate valid for their MX name under
+  *verify_context*.
+* MTA-STS ``testing``: delivery goes on as without a policy; what would have
+  failed is logged and reported.
+* DANE: an exchanger with DNSSEC-validated, usable TLSA records must offer
+  STARTTLS and present a certificate chain matching one of them; this
+  replaces the MTA-STS certificate check for that host (RFC 8461 2: MTA-STS
+  never overrides DANE), while an ``enforce`` policy's MX patterns still
+  choose the hosts. Validated records that are all unusable still make TLS
+  mandatory, unauthenticated. A failed TLSA lookup in a signed zone makes
+  the host unusable for now.
+
+A refusal is transient, ``451 4.7.5 <DANE|MTA-STS>: <reason>``, the reason
+naming the host and the cause; like an unreachable exchanger, it makes the
+attempt go on to the next exchanger, and the message stays queued when none
+is left. Each TLS outcome under a policy is a
+:class:`~slimta.relay.smtp.tlspolicy.TlsOutcome`, logged and passed to
+*tls_report* (the hook for TLS reporting, RFC 8460). Connections are pooled
+per exchanger and requirement, so a connection made under one policy is
+never reused for mail that asks something else.
+
+Domains given to :meth:`MxSmtpRelay.force_mx` and address literals are
+delivered without either policy.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import pycares.errno
 
+from slimta import logging as slogging
 from slimta.relay import AttemptResult, PermanentRelayError, Relay, TransientRelayError
+from slimta.relay.smtp.dane import Dane, DaneStatus, check_chain
+from slimta.relay.smtp.mtasts import MtaSts, StsPolicy
 from slimta.relay.smtp.static import StaticSmtpRelay
+from slimta.relay.smtp.tlspolicy import (
+    POLICY_FAILED_ESC,
+    TlsOutcome,
+    TlsRequirement,
+    TlsResult,
+    policy_failure,
+)
 from slimta.smtp.reply import Reply
-from slimta.util.dns import DNSError, DNSResolver
+from slimta.util.dns import DNSError, DNSResolver, TlsaRecord
 
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
@@ -61,6 +106,10 @@ MxHost: TypeAlias = tuple[int, str]
 #: The ``command`` of the reply a pool client reports when it could not
 #: connect at all (see :mod:`slimta.relay.smtp.client`).
 _CONNECT_STEPS = (b"[CONNECT]", "[CONNECT]")
+
+#: The steps at which a TLS policy refuses an exchanger (451 4.7.5), before
+#: any mail was sent: the attempt goes on to the next exchanger.
+_POLICY_STEPS = (b"STARTTLS", b"[TLS]", b"[TLSA]")
 
 #: Seconds to wait for a DNS answer at most (c-ares normally gives up first).
 _DNS_WAIT = 60.0
@@ -172,6 +221,46 @@ def _connect_failed(exc: TransientRelayError) -> bool:
     return exc.reply.command in _CONNECT_STEPS
 
 
+def _policy_refused(exc: TransientRelayError) -> bool:
+    """True when a TLS policy refused the exchanger before mail was sent."""
+    reply = exc.reply
+    return (
+        reply.code == "451"
+        and reply.enhanced_status_code == POLICY_FAILED_ESC
+        and reply.command in _POLICY_STEPS
+    )
+
+
+def _records_key(records: Iterable[TlsaRecord]) -> Hashable:
+    """The TLSA records as a key, without their TTLs."""
+    return tuple(
+        sorted(
+            (r.cert_usage, r.selector, r.matching_type, r.cert_association_data) for r in records
+        )
+    )
+
+
+def _verifies(context: ssl.SSLContext) -> bool:
+    """True when *context* checks certificates and host names."""
+    return context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def _dane_context() -> ssl.SSLContext:
+    """The context of DANE handshakes: the TLSA records, not PKIX, decide."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _have_cryptography() -> bool:
+    try:
+        import cryptography.x509  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _dns_failed(domain: str, qtype: str, exc: BaseException) -> TransientRelayError:
     # The detail (which may name resolvers) goes to the log, not the reply.
     _log.warning("%s lookup for %s failed: %s", qtype, domain, exc)
@@ -203,6 +292,29 @@ class MxSmtpRelay(Relay):
         higher number) are dropped, and if nothing is left the message fails
         with ``550 5.4.6``. Empty by default (no check); e.g.
         ``local_hosts=[socket.getfqdn()]``. Keyword-only; an extension of 4.0.
+    :param mta_sts: apply the MTA-STS policies of recipient domains (see the
+        module documentation): ``True``, or an
+        :class:`~slimta.relay.smtp.mtasts.MtaSts` of your own (its cache,
+        fetcher, clock). Keyword-only; default off, as in 4.0.
+    :param mta_sts_cache: with ``mta_sts=True``, a directory where policies
+        are kept between runs (e.g. next to the queue's storage).
+    :param dane: apply DANE (RFC 7672) to exchangers with DNSSEC-validated
+        TLSA records: ``True``, which asks the name servers of
+        ``/etc/resolv.conf`` (they must be a DNSSEC-validating resolver on
+        this host or a trusted path), or a
+        :class:`~slimta.relay.smtp.dane.Dane` of your own. DANE-TA(2)
+        records need the ``cryptography`` package. Keyword-only; default off.
+    :param verify_context: the context for exchangers an MTA-STS ``enforce``
+        policy covers: it must verify certificates and host names. By
+        default *context* when it does, else
+        ``ssl.create_default_context()``. Also the context the policies are
+        fetched with when ``mta_sts=True``.
+    :param tls_report: called with every
+        :class:`~slimta.relay.smtp.tlspolicy.TlsOutcome` (each TLS session
+        under a policy, each refusal, each failed policy fetch), e.g. to
+        count them for TLS reports.
+    :raises ValueError: *verify_context* does not verify certificates and
+        host names, or *mta_sts_cache* is given without ``mta_sts=True``.
     :param client_kwargs: the :class:`~slimta.relay.smtp.static.StaticSmtpRelay`
         keyword arguments, passed to every static relay: ``pool_size``,
         ``socket_creator`` (e.g. :func:`slimta.util.build_ipv4_socket_creator`
@@ -233,8 +345,9 @@ class MxSmtpRelay(Relay):
        falling back to the domain's A record, an implicit MX needs an A or
        AAAA record, a null MX fails with ``556 5.1.10``, equal preferences
        are tried in random order, an unreachable exchanger makes the same
-       attempt go on to the next one, and *port*, *rng* and *local_hosts*
-       are new.
+       attempt go on to the next one, and *port*, *rng*, *local_hosts*,
+       *mta_sts*, *mta_sts_cache*, *dane*, *verify_context* and
+       *tls_report* are new.
     """
 
     #: Most exchangers tried within one attempt when connections fail.
@@ -250,17 +363,53 @@ class MxSmtpRelay(Relay):
         port: int = 25,
         rng: random.Random | None = None,
         local_hosts: Iterable[str] = (),
+        mta_sts: bool | MtaSts = False,
+        mta_sts_cache: str | os.PathLike[str] | None = None,
+        dane: bool | Dane = False,
+        verify_context: ssl.SSLContext | None = None,
+        tls_report: Callable[[TlsOutcome], None] | None = None,
         **client_kwargs: Any,
     ) -> None:
         super().__init__()
         #: Normalised names of this host as an exchanger (see *local_hosts*).
         self.local_hosts = frozenset(_mx_host(host) for host in local_hosts)
         self.context = context if context is not None else ssl.create_default_context()
+        if verify_context is None:
+            verify_context = self.context if _verifies(self.context) else None
+        #: The context of exchangers under an MTA-STS ``enforce`` policy.
+        self.verify_context = verify_context or ssl.create_default_context()
+        if not _verifies(self.verify_context):
+            raise ValueError("verify_context must verify certificates and host names")
+        if mta_sts_cache is not None and (isinstance(mta_sts, MtaSts) or not mta_sts):
+            raise ValueError("mta_sts_cache applies only with mta_sts=True")
+        #: The :class:`~slimta.relay.smtp.mtasts.MtaSts` policies, or ``None``.
+        self.mta_sts: MtaSts | None = None
+        if isinstance(mta_sts, MtaSts):
+            self.mta_sts = mta_sts
+        elif mta_sts:
+            self.mta_sts = MtaSts(mta_sts_cache, context=self.verify_context)
+        #: The :class:`~slimta.relay.smtp.dane.Dane` lookups, or ``None``.
+        self.dane: Dane | None = None
+        if isinstance(dane, Dane):
+            self.dane = dane
+        elif dane:
+            self.dane = Dane()
+        if self.dane is not None and not _have_cryptography():
+            _log.warning(
+                "DANE-TA(2) records cannot be checked without the cryptography package: "
+                "mail to exchangers that publish only such records will be deferred"
+            )
+        self._dane_ctx = _dane_context() if self.dane is not None else None
+        # (domain, host) -> (the DANE status or policy, its requirement)
+        self._requirements: dict[tuple[str, str], tuple[object, TlsRequirement]] = {}
+        #: Called with each :class:`~slimta.relay.smtp.tlspolicy.TlsOutcome`.
+        self.tls_report = tls_report
         self.port = port
         self.client_kwargs = client_kwargs
         self._rng = rng if rng is not None else random.SystemRandom()
         self._forced: dict[str, tuple[str, int]] = {}
-        self._relays: dict[tuple[str, int], StaticSmtpRelay] = {}
+        # (host, port), or (host, port, requirement) for a TLS policy
+        self._relays: dict[tuple[Any, ...], StaticSmtpRelay] = {}
         # domain -> (the answer it was made from, the ordered records)
         self._orders: dict[str, tuple[frozenset[MxHost], list[MxHost]]] = {}
 
@@ -377,14 +526,138 @@ class MxSmtpRelay(Relay):
         self._orders[domain] = (key, ordered)
         return ordered
 
+    # ---------------------------------------------------------------- policies
+    def _report(self, outcome: TlsOutcome) -> None:
+        """Log a TLS outcome and hand it to :attr:`tls_report`."""
+        if outcome.successful:
+            _log.debug(
+                "%s TLS to %s for %s: success", outcome.policy_type, outcome.mx_host, outcome.domain
+            )
+        elif outcome.enforced:
+            _log.warning(
+                "TLS policy (%s) of %s refused %s: %s [%s]",
+                outcome.policy_type,
+                outcome.domain,
+                outcome.mx_host or "delivery",
+                outcome.detail,
+                outcome.result.value,
+            )
+        else:
+            _log.info(
+                "TLS policy (%s, not enforced) of %s: %s [%s]",
+                outcome.policy_type,
+                outcome.domain,
+                outcome.detail,
+                outcome.result.value,
+            )
+        hook = self.tls_report
+        if hook is not None:
+            try:
+                hook(outcome)
+            except Exception:
+                slogging.log_exception(__name__)
+
+    def _sts_policy(self, domain: str) -> StsPolicy | None:
+        """The MTA-STS policy that applies to *domain* (``none`` mode: no policy)."""
+        if self.mta_sts is None:
+            return None
+        found = self.mta_sts.lookup(_dns_name(domain))
+        error = found.error
+        if error is not None:
+            self._report(TlsOutcome("sts", domain, "", error.result, error.reason, False))
+        policy = found.policy
+        if policy is None or policy.mode == "none":
+            return None
+        return policy
+
+    def _sts_hosts(self, domain: str, policy: StsPolicy, records: list[MxHost]) -> list[MxHost]:
+        """The exchangers an MTA-STS policy lets *domain*'s mail go to (RFC 8461 4.1)."""
+        kept = [record for record in records if policy.matches(record[1])]
+        if len(kept) == len(records):
+            return records
+        for _, host in records:
+            if not policy.matches(host):
+                reason = f"{host} is not an MX host of the MTA-STS policy of {domain}"
+                result = TlsResult.VALIDATION_FAILURE
+                self._report(TlsOutcome("sts", domain, host, result, reason, policy.enforce))
+        if not policy.enforce:
+            return records
+        if not kept:
+            reason = f"no MX host of {domain} matches its policy"
+            raise TransientRelayError(
+                f"MTA-STS: {reason}", policy_failure("MTA-STS", reason, b"[MX]")
+            )
+        return kept
+
+    def _requirement(
+        self, domain: str, host: str, policy: StsPolicy | None
+    ) -> TlsRequirement | None:
+        """What TLS must achieve with *host*: DANE first, then MTA-STS."""
+        source: object = policy
+        if self.dane is not None:
+            status = self.dane.lookup(host)
+            if status.kind == "failed":
+                result = status.result or TlsResult.TLSA_INVALID
+                self._report(TlsOutcome("tlsa", domain, host, result, status.reason, True))
+                raise TransientRelayError(
+                    f"DANE: {status.reason}", policy_failure("DANE", status.reason, b"[TLSA]")
+                )
+            if status.applies:
+                source = status
+        if source is None:
+            return None
+        # The same DANE status or cached policy object: the same requirement
+        # (every message asks; building one costs more than finding it).
+        known = self._requirements.get((domain, host))
+        if known is not None and known[0] is source:
+            return known[1]
+        requirement = self._new_requirement(domain, host, source)
+        if len(self._requirements) >= _MAX_ORDERS:
+            self._requirements.clear()
+        self._requirements[(domain, host)] = (source, requirement)
+        return requirement
+
+    def _new_requirement(self, domain: str, host: str, source: object) -> TlsRequirement:
+        if isinstance(source, DaneStatus):
+            assert self._dane_ctx is not None
+            records = source.records
+            if source.kind == "unusable":
+                # RFC 7672 2.2: validated but unusable records still mean TLS.
+                return TlsRequirement(
+                    "tlsa", domain, host, self._dane_ctx, True, None, ("tlsa", None), self._report
+                )
+
+            def check(chain: Sequence[bytes]) -> tuple[TlsResult, str] | None:
+                return check_chain(records, chain, host)
+
+            key = ("tlsa", _records_key(records))
+            return TlsRequirement(
+                "tlsa", domain, host, self._dane_ctx, True, check, key, self._report
+            )
+        assert isinstance(source, StsPolicy)
+        if source.enforce:
+            return TlsRequirement(
+                "sts", domain, host, self.verify_context, True, None, ("sts", True), self._report
+            )
+        # testing: as without a policy, with the outcomes reported
+        return TlsRequirement(
+            "sts", domain, host, self.context, False, None, ("sts", False), self._report
+        )
+
     # ---------------------------------------------------------------- delivery
-    def _get_static_relay(self, host: str, port: int) -> StaticSmtpRelay:
-        relay = self._relays.get((host, port))
+    def _get_static_relay(
+        self, host: str, port: int, requirement: TlsRequirement | None = None
+    ) -> StaticSmtpRelay:
+        key: tuple[Any, ...] = (host, port) if requirement is None else (host, port, requirement)
+        relay = self._relays.get(key)
         if relay is None:
             if len(self._relays) >= self.max_static_relays:
                 self._drop_idle_relays()
             relay = self.new_static_relay(host, port)
-            self._relays[(host, port)] = relay
+            if requirement is not None:
+                # Every client of this pool negotiates TLS as the policy asks.
+                relay.client_kwargs = {**relay.client_kwargs, "tls_requirement": requirement}
+            self._relays[key] = relay
         return relay
 
     def _drop_idle_relays(self) -> None:
@@ -415,7 +688,8 @@ class MxSmtpRelay(Relay):
             or no usable records, is an invalid address literal, or a server
             refused the message for good.
         :raises TransientRelayError: DNS failed for now, no exchanger could be
-            reached, or a server refused the message for now.
+            reached, a TLS policy (MTA-STS, DANE) refused every exchanger
+            tried (``451 4.7.5``), or a server refused the message for now.
         """
         domain = _destination_domain(envelope)
         forced = self._forced.get(domain)
@@ -425,15 +699,23 @@ class MxSmtpRelay(Relay):
         if literal is not None:
             # RFC 5321 5.1: an address literal is the host itself; no DNS.
             return self._get_static_relay(literal, self.port).attempt(envelope, attempts)
-        hosts = self._try_order(self._mx_records(domain), attempts)
+        records = self._mx_records(domain)
+        policy = self._sts_policy(domain)
+        if policy is not None:
+            records = self._sts_hosts(domain, policy, records)
+        hosts = self._try_order(records, attempts)
         for i, host in enumerate(hosts):
             try:
-                return self._get_static_relay(host, self.port).attempt(envelope, attempts)
+                requirement = self._requirement(domain, host, policy) if self._policies else None
+                relay = self._get_static_relay(host, self.port, requirement)
+                return relay.attempt(envelope, attempts)
             except TransientRelayError as exc:
-                if i + 1 == len(hosts) or not _connect_failed(exc):
+                # RFC 8461 (and 7672): a host refused by a TLS policy is
+                # skipped like an unreachable one, before any mail was sent.
+                if i + 1 == len(hosts) or not (_connect_failed(exc) or _policy_refused(exc)):
                     raise
                 _log.info(
-                    "MX %s:%s for %s unreachable (%s %s), trying %s",
+                    "MX %s:%s for %s unusable (%s %s), trying %s",
                     host,
                     self.port,
                     domain,
@@ -442,6 +724,10 @@ class MxSmtpRelay(Relay):
                     hosts[i + 1],
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def _policies(self) -> bool:
+        return self.mta_sts is not None or self.dane is not None
 
     def kill(self) -> None:
         """Kill every static relay's connections."""
