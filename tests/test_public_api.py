@@ -126,6 +126,7 @@ SPEC_ALL: dict[str, set[str]] = {
     "slimta.lookup.auth": {"LookupAuth"},
     # [14]
     "slimta.diskstorage": {"DiskStorage"},
+    "slimta.redisstorage": {"RedisStorage"},
     # [11], [12.1]
     "slimta.util.dns": {"DNSError", "DNSResolver"},
     "slimta.util.ptrlookup": {"PtrLookup"},
@@ -231,6 +232,15 @@ SPEC_SIGNATURES: dict[tuple[str, str], list[tuple[str, Any]]] = {
     ("slimta.smtp.io", "IO.__init__"): [("socket", _EMPTY), ("address", None)],
     # [7.5]
     ("slimta.relay.smtp.mx", "MxSmtpRelay.__init__"): [("context", None)],
+    # [14]
+    ("slimta.redisstorage", "RedisStorage.__init__"): [
+        ("host", "localhost"),
+        ("port", 6379),
+        ("db", 0),
+        ("password", None),
+        ("socket_timeout", None),
+        ("prefix", "slimta:"),
+    ],
     # [7.6]
     ("slimta.relay.pipe", "PipeRelay.__init__"): [("args", _EMPTY), ("timeout", None)],
     ("slimta.relay.pipe", "MaildropRelay.__init__"): [
