@@ -127,6 +127,7 @@ SPEC_ALL: dict[str, set[str]] = {
     # [14]
     "slimta.diskstorage": {"DiskStorage"},
     "slimta.redisstorage": {"RedisStorage"},
+    "slimta.celeryqueue": {"CeleryQueue"},
     # [11], [12.1]
     "slimta.util.dns": {"DNSError", "DNSResolver"},
     "slimta.util.ptrlookup": {"PtrLookup"},
@@ -240,6 +241,13 @@ SPEC_SIGNATURES: dict[tuple[str, str], list[tuple[str, Any]]] = {
         ("password", None),
         ("socket_timeout", None),
         ("prefix", "slimta:"),
+    ],
+    ("slimta.celeryqueue", "CeleryQueue.__init__"): [
+        ("celery", _EMPTY),
+        ("relay", _EMPTY),
+        ("suffix", None),
+        ("backoff", None),
+        ("bounce_factory", None),
     ],
     # [7.6]
     ("slimta.relay.pipe", "PipeRelay.__init__"): [("args", _EMPTY), ("timeout", None)],
