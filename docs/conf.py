@@ -2,11 +2,20 @@
 
 The package must be installed (``pip install -e '.[docs]'``); autodoc imports
 it from there. The build needs no network access: no intersphinx.
+
+``_ext/slimta_docs.py`` writes the ``slimta`` command's reference (its
+``--help`` texts and every configuration key) from the command's own code.
+The code blocks of the pages are run by ``tests/unit/test_docs_blocks.py``.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import slimta.core
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
 project = "slimta"
 author = "slimta developers"
@@ -17,6 +26,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.viewcode",
+    "slimta_docs",
 ]
 
 exclude_patterns = ["_build"]

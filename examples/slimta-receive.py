@@ -1,32 +1,32 @@
 #!/usr/bin/env python3
-"""A small MTA: accept mail over SMTP, queue it on disk, deliver it.
+"""A receiving MTA: mail for your domains, checked, queued on disk, delivered to Maildirs.
 
 Run it from the repository root after ``pip install -e .``::
 
-    .venv/bin/python examples/slimta-receive.py [--host 127.0.0.1] [--port 2525]
-        [--spool ./spool] [--mailbox ./mail | --smarthost HOST[:PORT] | --mx]
-        [--hostname mx.example.org] [--domain example.org ...]
+    .venv/bin/python examples/slimta-receive.py --domain example.org
 
-then send it a message, e.g. with ``swaks --server 127.0.0.1:2525 --to you@example.org``.
+and send it a message, e.g. with
+``swaks --server 127.0.0.1:2525 --to alice@example.org``.
 
-Every accepted message is first stored durably in the disk queue
-(:class:`slimta.diskstorage.DiskStorage` under ``--spool``): the ``250``
-reply, which names the queue id, is sent only once it is on disk, with a
-``Received:`` header on top and ``Date:`` and ``Message-Id:`` added when the
-client sent none (:mod:`slimta.policy.headers`). The queue then delivers
-it, retrying with backoff and bouncing what fails for good:
+What it does, in the order a message meets it:
 
-* by default, into ``--mailbox``: one ``<id>.eml`` file per delivered
-  message, with ``Return-Path`` and ``Delivered-To`` headers (a local
-  mailbox, handy for trying things out);
-* with ``--smarthost``, to that SMTP server (opportunistic STARTTLS);
-* with ``--mx``, straight to each recipient domain's MX hosts on port 25.
+* :class:`Validators` decide at each SMTP command: clients listed on a DNS
+  blocklist (``--dnsbl``) are refused at the greeting, recipients outside
+  the ``--domain`` list get ``550 5.7.1`` (this server relays nothing), a
+  local part not among ``--mailbox`` (when given) gets ``550 5.1.1``, and a
+  message without a ``From:`` field gets ``550 5.6.0``;
+* the :class:`~slimta.queue.Queue` stores the message durably with
+  :class:`~slimta.diskstorage.DiskStorage` under ``--spool`` before the
+  ``250`` reply, adding ``Received:``, and ``Date:`` and ``Message-Id:``
+  when missing;
+* :class:`~slimta.relay.maildir.MaildirRelay` delivers one copy per
+  recipient into the Maildir ``<--maildir>/<local part>``; a failure that
+  may pass (a full disk) is retried later, and one that will not is
+  bounced to the sender.
 
-Messages still queued when it stops are delivered after the next start.
-SIGINT (Ctrl-C) or SIGTERM stops it gracefully.
-
-This stands in for the ``slimta`` command until that exists. It uses the 4.0
-API the way 4.0 scripts do.
+SIGINT (Ctrl-C) and SIGTERM stop it gracefully; messages still queued are
+delivered after the next start. ``--open-relay`` accepts every domain (and
+delivers them all into the same Maildirs): for tests only.
 """
 
 # gevent must patch the standard library before anything else imports it.
@@ -37,150 +37,208 @@ monkey.patch_all()
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
-import uuid
 
 import gevent
 
 from slimta.diskstorage import DiskStorage
 from slimta.edge.smtp import SmtpEdge, SmtpValidators
-from slimta.envelope import Envelope
 from slimta.policy.headers import AddDateHeader, AddMessageIdHeader, AddReceivedHeader
 from slimta.queue import Queue
-from slimta.relay import Relay, TransientRelayError
-from slimta.relay.smtp.mx import MxSmtpRelay
-from slimta.relay.smtp.static import StaticSmtpRelay
-from slimta.smtp.reply import Reply
+from slimta.relay.maildir import MaildirRelay
+from slimta.util.dns import DNSResolver
+from slimta.util.dnsbl import DnsBlocklistGroup, check_dnsbl
 
 log = logging.getLogger("slimta-receive")
+#: What each log line on standard error looks like.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: The DNS blocklists of --dnsbl; empty, it lists nobody.
+BLOCKLISTS = DnsBlocklistGroup()
 
-class MailboxRelay(Relay):
-    """Delivers each message into a directory, one ``<id>.eml`` file each.
-
-    The file is fsynced and renamed into place before the queue is told the
-    message is delivered, so a crash never loses it.
-    """
-
-    def __init__(self, directory: str) -> None:
-        super().__init__()
-        self.directory = os.path.abspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
-
-    def attempt(self, envelope: Envelope, attempts: int) -> Reply:
-        name = uuid.uuid4().hex
-        trace = f"Return-Path: <{envelope.sender}>\r\n"
-        trace += "".join(f"Delivered-To: {rcpt}\r\n" for rcpt in envelope.recipients)
-        data = trace.encode("utf-8") + b"".join(envelope.flatten())
-        try:
-            # The writes block: gevent's thread pool keeps the sessions going.
-            gevent.get_hub().threadpool.apply(self._write, (name, data))
-        except OSError as exc:
-            # Transient: the queue keeps the message and tries again later.
-            raise TransientRelayError(
-                f"Cannot write to the mailbox: {exc}", Reply("450", "4.3.0 Mailbox unavailable")
-            ) from exc
-        log.info("delivered to %s", os.path.join(self.directory, name + ".eml"))
-        return Reply("250", f"2.0.0 Delivered as {name}")
-
-    def _write(self, name: str, data: bytes) -> None:
-        tmp = os.path.join(self.directory, f".{name}.tmp")
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.rename(tmp, os.path.join(self.directory, name + ".eml"))
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+#: Local parts that are safe as a directory name under --maildir.
+SAFE_LOCAL_PART = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
 
 
 class Validators(SmtpValidators):
-    """Per-session checks: each hook may change the reply it is given."""
+    """The checks of one SMTP session. Each hook gets the reply the server
+    is about to send and refuses by changing it."""
 
-    #: Domains mail is accepted for (lower case); empty accepts every domain.
-    domains: frozenset[str] = frozenset()
+    #: Domains delivered here (lower case); ``None`` accepts every domain.
+    domains: frozenset[str] | None = frozenset({"localhost"})
+    #: Local parts that have a mailbox (lower case); ``None``: all of them.
+    mailboxes: frozenset[str] | None = None
 
-    def handle_rcpt(self, reply: Reply, recipient: str, params: dict[bytes, bytes | bool]) -> None:
-        _, at, domain = recipient.rpartition("@")
-        # <postmaster> alone has no domain and must be accepted (RFC 5321 4.5.1).
-        if at and self.domains and domain.lower() not in self.domains:
+    @check_dnsbl(BLOCKLISTS, match_code="554", match_message="5.7.1 Listed on a DNS blocklist")
+    def handle_banner(self, reply, address):
+        pass
+
+    def handle_rcpt(self, reply, recipient, params):
+        local, at, domain = recipient.rpartition("@")
+        if not at:
+            # A bare <postmaster> must be accepted (RFC 5321 4.5.1).
+            return
+        if self.domains is not None and domain.lower() not in self.domains:
             reply.code = "550"
-            reply.message = f"5.7.1 Recipient <{recipient}> Not allowed"
+            reply.message = f"5.7.1 Relaying denied for <{recipient}>"
+        elif not SAFE_LOCAL_PART.fullmatch(local.lower()) or (
+            self.mailboxes is not None and local.lower() not in self.mailboxes | {"postmaster"}
+        ):
+            reply.code = "550"
+            reply.message = f"5.1.1 No mailbox for <{recipient}>"
+
+    def handle_have_data(self, reply, data):
+        # RFC 5322 3.6: every message has a From: field. The header block
+        # ends at the first empty line.
+        header = data.split(b"\r\n\r\n", 1)[0]
+        if not any(line[:5].lower() == b"from:" for line in header.split(b"\r\n")):
+            reply.code = "550"
+            reply.message = "5.6.0 A message needs a From: header field"
 
 
-def build_relay(args: argparse.Namespace) -> tuple[Relay, str]:
-    """The relay the options ask for, and a description for the log."""
-    if args.smarthost:
-        host, colon, port = args.smarthost.rpartition(":")
-        if not colon:
-            host, port = args.smarthost, "25"
-        relay = StaticSmtpRelay(host, int(port), pool_size=20, idle_timeout=10.0)
-        return relay, f"smarthost {host}:{port}"
-    if args.mx:
-        return MxSmtpRelay(idle_timeout=10.0), "MX hosts (port 25)"
-    return MailboxRelay(args.mailbox), f"mailbox {os.path.abspath(args.mailbox)}"
+def local_mailbox(domains):
+    """``mailbox_for`` of MaildirRelay: the Maildir of a local recipient, or
+    ``None`` (no mailbox: ``550 5.1.1``) for a recipient of another domain
+    (a bounce to a remote sender, say) and for a local part that is not
+    safe as a directory name (``"../x"@example.org`` is a valid address)."""
+
+    def mailbox_for(recipient):
+        local, at, domain = recipient.rpartition("@")
+        if not at:
+            local = recipient  # <postmaster>
+        elif domains is not None and domain.lower() not in domains:
+            return None
+        local = local.lower()
+        return local if SAFE_LOCAL_PART.fullmatch(local) else None
+
+    return mailbox_for
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=2525, help="port to listen on (0: any)")
-    parser.add_argument("--spool", default="spool", help="directory of the disk queue")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--mailbox", default="mail", help="deliver into this directory (default)")
-    where.add_argument("--smarthost", help="deliver to this SMTP server, HOST[:PORT]")
-    where.add_argument("--mx", action="store_true", help="deliver to the recipients' MX hosts")
-    parser.add_argument("--hostname", help="name in the greeting (default: this host's FQDN)")
+def listen_address(text):
+    """``HOST:PORT`` for argparse."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT such as 127.0.0.1:2525, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description="A receiving MTA: mail for your domains, checked, queued on disk and "
+        "delivered into Maildirs.",
+    )
+    parser.add_argument(
+        "--listen",
+        type=listen_address,
+        default=("127.0.0.1", 2525),
+        metavar="HOST:PORT",
+        help="where to listen (default 127.0.0.1:2525; port 0 picks a free one)",
+    )
+    parser.add_argument("--hostname", help="the name in the greeting (default: this host's FQDN)")
     parser.add_argument(
         "--domain",
         action="append",
+        metavar="DOMAIN",
+        help="a domain to accept mail for; repeat for more (default: localhost)",
+    )
+    parser.add_argument(
+        "--mailbox",
+        action="append",
+        metavar="LOCALPART",
+        help="a local part that has a mailbox; repeat for more (default: every local part)",
+    )
+    parser.add_argument(
+        "--maildir", default="mail", metavar="DIR", help="the Maildirs' directory (./mail)"
+    )
+    parser.add_argument(
+        "--spool", default="spool", metavar="DIR", help="the disk queue's directory (./spool)"
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=10485760,
+        metavar="BYTES",
+        help="the largest message accepted (default 10 MiB)",
+    )
+    parser.add_argument(
+        "--dnsbl",
+        action="append",
         default=[],
-        help="accept mail only for this domain (repeat for more; default: any)",
+        metavar="ZONE",
+        help="refuse clients listed on this DNS blocklist, e.g. zen.spamhaus.org",
+    )
+    parser.add_argument(
+        "--dns-server",
+        metavar="IP[:PORT]",
+        help="ask this DNS server instead of /etc/resolv.conf's",
+    )
+    parser.add_argument(
+        "--open-relay",
+        action="store_true",
+        help="accept mail for every domain (for tests; never on the Internet)",
     )
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.max_size < 1024:
+        parser.error("argument --max-size: expected at least 1024 bytes")
+    return args
 
-    Validators.domains = frozenset(domain.lower() for domain in args.domain)
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if args.dns_server:
+        DNSResolver.configure(servers=[args.dns_server])
+    for zone in args.dnsbl:
+        BLOCKLISTS.add_dnsbl(zone)
+
+    domains = frozenset(domain.lower() for domain in args.domain or ["localhost"])
+    Validators.domains = None if args.open_relay else domains
+    if args.mailbox:
+        Validators.mailboxes = frozenset(local.lower() for local in args.mailbox)
+    if args.open_relay:
+        log.warning("--open-relay: mail for every domain is accepted, from every client")
+
+    # MaildirRelay never creates its base directory (mail waits in the queue
+    # while it is missing, say an unmounted disk), so make it here once.
+    maildir = os.path.abspath(args.maildir)
+    os.makedirs(maildir, exist_ok=True)
+    relay = MaildirRelay(
+        maildir, mailbox_for=local_mailbox(Validators.domains), hostname=args.hostname
+    )
+
     spool = os.path.abspath(args.spool)
-    store = DiskStorage(os.path.join(spool, "env"), os.path.join(spool, "meta"))
-    relay, destination = build_relay(args)
-    queue = Queue(store, relay)
+    storage = DiskStorage(os.path.join(spool, "env"), os.path.join(spool, "meta"))
+    queue = Queue(storage, relay)
+    queue.add_policy(AddReceivedHeader())
     queue.add_policy(AddDateHeader())
     queue.add_policy(AddMessageIdHeader(args.hostname))
-    queue.add_policy(AddReceivedHeader())
     queue.start()
-    # Bind here rather than passing (host, port), so that an address in use
-    # fails at once and the log shows the real port when --port is 0.
-    listener = socket.create_server((args.host, args.port))
+
+    # Bound here, so that a port in use fails at once and port 0 is logged
+    # as the port the system chose.
+    listener = socket.create_server(args.listen)
     edge = SmtpEdge(
         listener,
         queue,
-        max_size=10485760,
+        max_size=args.max_size,
         validator_class=Validators,
-        command_timeout=300.0,
-        data_timeout=600.0,
+        command_timeout=300.0,  # RFC 5321 4.5.3.2.7
+        data_timeout=600.0,  # RFC 5321 4.5.3.2.6
         hostname=args.hostname,
     )
     for signum in (signal.SIGINT, signal.SIGTERM):
-        # Stop accepting, give open sessions 10 seconds, then close them.
+        # No new connections; open sessions get 10 seconds to finish.
         gevent.signal_handler(signum, edge.stop, 10.0)
     edge.start()
     host, port = listener.getsockname()[:2]
-    log.info(
-        "listening on %s:%d as %s, queue in %s, delivering to %s",
-        host,
-        port,
-        edge.hostname,
-        spool,
-        destination,
-    )
+    log.info("listening on %s:%d as %s", host, port, edge.hostname)
+    accepted = "every domain" if args.open_relay else ", ".join(sorted(domains))
+    log.info("mail for %s goes to %s/<local part>", accepted, maildir)
     edge.join()
     queue.kill()
-    log.info("stopped")
+    log.info("stopped; the queue in %s keeps what was not delivered", spool)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """examples/slimta-receive.py as a real process:
-a message sent over SMTP is queued on disk and delivered to the mailbox."""
+a message sent over SMTP is queued on disk and delivered into a Maildir.
+
+Its validators, DNS blocklist and options are tested with the other
+examples in test_examples.py."""
 
 from __future__ import annotations
 
@@ -31,11 +34,11 @@ def _read_line(stream: object, until: float) -> str:
     return line.decode()
 
 
-def test_example_queues_on_disk_and_delivers_to_the_mailbox(tmp_path: Path) -> None:
-    spool, mailbox = tmp_path / "spool", tmp_path / "mail"
-    command = [sys.executable, str(EXAMPLE), "--port", "0", "--hostname", "mx.test"]
+def test_example_queues_on_disk_and_delivers_to_the_maildir(tmp_path: Path) -> None:
+    spool, maildir = tmp_path / "spool", tmp_path / "mail"
+    command = [sys.executable, str(EXAMPLE), "--listen", "127.0.0.1:0", "--hostname", "mx.test"]
     proc = subprocess.Popen(
-        [*command, "--spool", str(spool), "--mailbox", str(mailbox)],
+        [*command, "--domain", "example.org", "--spool", str(spool), "--maildir", str(maildir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -47,13 +50,22 @@ def test_example_queues_on_disk_and_delivers_to_the_mailbox(tmp_path: Path) -> N
             if match:
                 break
         with smtplib.SMTP(match.group(1), int(match.group(2)), timeout=DEADLINE) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.com")
+            # A valid address, but no name for a directory under the Maildirs.
+            code, text = client.rcpt('"../rcpt"@example.org')
+            assert (code, text[:5]) == (550, b"5.1.1")
+            client.rset()
             refused = client.sendmail(
-                "sender@example.com", ["rcpt@example.org"], b"Subject: hi\r\n\r\nhello\r\n"
+                "sender@example.com",
+                ["rcpt@example.org"],
+                b"From: sender@example.com\r\nSubject: hi\r\n\r\nhello\r\n",
             )
         assert refused == {}
-        while "delivered to" not in (line := _read_line(proc.stderr, until)):
+        while ":delivered " not in (line := _read_line(proc.stderr, until)):
             pass
-        (delivered,) = mailbox.glob("*.eml")
+        # The Maildir of the local part: the file is in new/ once delivered.
+        (delivered,) = (maildir / "rcpt" / "new").iterdir()
         data = delivered.read_bytes()
         assert data.startswith(b"Return-Path: <sender@example.com>\r\n")
         assert b"Delivered-To: rcpt@example.org\r\n" in data
