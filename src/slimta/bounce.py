@@ -27,6 +27,12 @@ attached unchanged (``message/*`` parts may not be base64 or
 quoted-printable encoded, RFC 2046 section 5.2.1), so relaying the bounce
 needs ``8BITMIME``.
 
+The bounce of a message sent with REQUIRETLS (RFC 8689,
+:attr:`Envelope.requiretls <slimta.envelope.Envelope.requiretls>`) carries
+only the original header block, whatever ``RET`` asked, and is itself
+flagged :attr:`~slimta.envelope.Envelope.requiretls`, so that it travels back
+under the same protection (RFC 8689 5).
+
 No bounce may be sent for a message from the null sender (RFC 5321 section
 4.5.5, RFC 3461 section 6.2): the queue checks this before it calls its bounce
 factory, and :class:`Bounce` raises :exc:`ValueError` if asked anyway.
@@ -139,7 +145,9 @@ class Bounce(Envelope):
     :param reply: The reply that made delivery fail; gives ``Status``,
         ``Diagnostic-Code`` and, from its ``address``, ``Remote-MTA``.
     :param headers_only: Attach only the original header block, not the whole
-        message. An envelope whose ``dsn_ret`` is ``'HDRS'`` gets the same.
+        message. An envelope whose ``dsn_ret`` is ``'HDRS'`` gets the same,
+        and so does one with ``requiretls`` (RFC 8689), whose bounce is then
+        flagged ``requiretls`` too.
     :param failed_recipients: The recipients this bounce reports, each with
         the same ``reply``; by default all of ``envelope.recipients``.
     :raises ValueError: ``envelope`` has the null (or no) sender, or there is
@@ -199,8 +207,13 @@ class Bounce(Envelope):
         reporting_mta = _clean(self.receiver or local_fqdn())
 
         header_bytes, body = envelope.flatten()
-        # RFC 3461 section 4.3: RET=HDRS asks for the headers only.
+        # RFC 3461 section 4.3: RET=HDRS asks for the headers only. RFC 8689
+        # 5: the report on a REQUIRETLS message keeps its content out of it
+        # and asks for REQUIRETLS on the way back.
         headers_only = headers_only or (envelope.dsn_ret or "").upper() == "HDRS"
+        if envelope.requiretls:
+            headers_only = True
+            self.requiretls = True
         original = header_bytes if headers_only else header_bytes + body
         original = _LONE_EOL.sub(b"\r\n", original)
 

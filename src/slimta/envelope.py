@@ -113,6 +113,11 @@ _BAD_VALUE = re.compile(r"[\x0b\x0c\x1c-\x1e]|\r(?!\n)|\n(?![ \t]+[^ \t\r\n])")
 #: header value the stdlib would write them out as CRLF (a new header line).
 _SPLITLINES_ONLY = re.compile("[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
+#: A ``TLS-Required: No`` field (RFC 8689 3) in a raw header block, which
+#: holds ``Name: value`` lines with CRLF endings; the value must end there,
+#: not go on in a continuation line.
+_TLS_REQUIRED_NO = re.compile(rb"(?:\A|\n)TLS-Required: No[ \t]*\r\n(?![ \t])", re.IGNORECASE)
+
 #: Content-Transfer-Encodings that ``Message.get_payload(decode=True)``
 #: decodes; for any other value it returns the raw payload bytes.
 _DECODED_CTES = frozenset(("quoted-printable", "base64", "x-uuencode", "uuencode", "uue", "x-uue"))
@@ -187,6 +192,14 @@ class Envelope:
     #: ``ORCPT`` of each RCPT, by recipient address: ``'rfc822;user@host'``
     #: with the address xtext-decoded.
     dsn_orcpt: dict[str, str] | None = None
+    #: The message asks for REQUIRETLS (RFC 8689): the SMTP edge sets it when
+    #: MAIL carried the ``REQUIRETLS`` parameter (only accepted under TLS).
+    #: SMTP relays then deliver it only over TLS that a policy (MTA-STS,
+    #: DANE) or the relay's verifying context authenticates, to a server
+    #: that offers REQUIRETLS itself, or fail it for good (``550 5.7.30``);
+    #: its bounce carries only the header block. The class-level default
+    #: keeps older pickles loadable.
+    requiretls: bool = False
 
     def __init__(
         self,
@@ -225,6 +238,34 @@ class Envelope:
     def headers(self, headers: Message | None) -> None:
         self._headers = headers
         self._raw_headers = None
+
+    @property
+    def tls_optional(self) -> bool:
+        """True when the sender asked for delivery whatever TLS the relay
+        can get: a ``TLS-Required: No`` header field (RFC 8689 3) and no
+        :attr:`requiretls`, which wins over the header (RFC 8689 4.1).
+
+        :class:`~slimta.relay.smtp.mx.MxSmtpRelay` then delivers without
+        applying MTA-STS or DANE. A raw header block is searched as bytes,
+        without being parsed.
+
+        .. versionadded:: 4.0
+        """
+        if self.requiretls:
+            return False
+        raw = self._raw_headers
+        if raw is not None:
+            # Asked of every message a relay with policies sends: a plain
+            # search first, the regular expression only for a likely block.
+            if raw.lower().find(b"tls-required:") == -1:
+                return False
+            return _TLS_REQUIRED_NO.search(raw) is not None
+        headers = self._headers
+        if headers is None:
+            return False
+        values = headers.get_all("TLS-Required") or ()
+        # ABNF strings are case-insensitive; folding whitespace may surround it.
+        return any(str(value).lower().split() == ["no"] for value in values)
 
     def prepend_header(self, name: str, value: str) -> None:
         """Insert a header before all existing ones (e.g. ``Received:``).

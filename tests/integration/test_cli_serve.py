@@ -261,7 +261,7 @@ def test_queued_mail_survives_a_stop_and_is_delivered_after_restart(
     config = sender_config(tmp_path, port)
     sender = run("serve", "--config", str(config)).ready()
     send(sender.port, "bob@example.org")
-    sender.wait_for(r"to <bob@example.org> deferred")
+    sender.wait_for(r"to=<bob@example.org> .*status=deferred")
     status, log = sender.stop(signum)
     if signum == signal.SIGTERM:
         assert status == 0, log

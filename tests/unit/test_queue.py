@@ -931,16 +931,17 @@ def test_failures_are_logged_with_their_reply(
     )
     h = make(relay, backoff=lambda envelope, attempts: 60.0)
     h.queue.start()
-    with caplog.at_level(logging.WARNING, logger="slimta.queue"):
+    with caplog.at_level(logging.WARNING, logger="slimta.maillog.queue"):
         [(_, id)] = h.queue.enqueue(make_envelope())
         relay.next_call()
         h.settle()
         h.advance(60.0)
         relay.next_call()
         h.settle()
-    lines = [r.getMessage() for r in caplog.records if r.name == "slimta.queue"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("slimta.")]
     assert lines == [
-        f"message {id} to <a@x.test> deferred (attempt 1, next in 60 s): "
-        "451 4.4.1 Connection refused",
-        f"message {id} to <a@x.test> failed: 550 5.1.1 No such user",
+        f"id={id} to=<a@x.test> relay=none delay=0.00 attempt=1 retry=60 "
+        "status=deferred (451 4.4.1 Connection refused)",
+        f"id={id} to=<a@x.test> relay=none delay=60.00 attempt=2 "
+        "status=bounced (550 5.1.1 No such user)",
     ]

@@ -74,7 +74,16 @@ def _add_serve(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument("--log-level", choices=_LOG_LEVELS, help="overrides server.log_level")
     parser.add_argument("--user", help="switch to this user after binding (overrides server.user)")
     parser.add_argument("--group", help="switch to this group (overrides server.group)")
-    # Colleagues: --log-format json and --metrics HOST:PORT go here.
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="overrides server.log_format"
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen_address,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+        "(needs the prometheus_client package)",
+    )
     parser.set_defaults(run=_run_serve)
 
 
@@ -90,6 +99,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         user=args.user,
         group=args.group,
         log_level=args.log_level,
+        log_format=args.log_format,
+        metrics=args.metrics,
     )
     return serve(args.config, overrides)
 
@@ -164,16 +175,111 @@ def _run_passwd(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# --- queue, sendmail, setup ------------------------------------------------------------
+
+_CONFIG_HELP = "the server's configuration file (default: the embedded default, ./slimta-data)"
+
+
+def _add_queue(commands: argparse._SubParsersAction[_Parser]) -> None:
+    parser = commands.add_parser(
+        "queue",
+        help="list, show, flush, remove, hold or release queued mail",
+        description="Look at and change the queue, while the server runs (through its "
+        "control socket) or not (in the queue files; flush needs the server).",
+    )
+    actions = parser.add_subparsers(
+        title="actions", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    described = {
+        "list": "list the queued messages: id, age, size, attempts, state, sender, "
+        "recipients and last error",
+        "show": "show a message: its envelope, headers and body",
+        "flush": "attempt a message (or every message) now",
+        "remove": "delete a message",
+        "hold": "keep a message from being attempted until released (kept across restarts)",
+        "release": "let a held message be attempted again, now",
+    }
+    for name, text in described.items():
+        action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
+        if name == "list":
+            action.add_argument("--json", action="store_true", help="print JSON")
+        elif name == "flush":
+            action.add_argument("id", metavar="ID", nargs="?", help="the queue id (default: all)")
+        else:
+            action.add_argument("id", metavar="ID", help="the queue id")
+        if name == "show":
+            action.add_argument("--headers", action="store_true", help="without the body")
+        action.set_defaults(run=_run_queue, action=name)
+
+
+def _run_queue(args: argparse.Namespace) -> int:
+    from slimta.cli.queuetool import run_queue
+
+    return run_queue(
+        args.action,
+        args.config,
+        getattr(args, "id", None),
+        as_json=getattr(args, "json", False),
+        headers_only=getattr(args, "headers", False),
+    )
+
+
+def _add_sendmail(commands: argparse._SubParsersAction[_Parser]) -> None:
+    # Only for --help: main() hands "slimta sendmail ..." to the sendmail
+    # option parser (-oi, -fSENDER), which argparse cannot read.
+    commands.add_parser(
+        "sendmail",
+        help="queue a message from standard input (sendmail options: -t -f -i -F; "
+        "see: slimta sendmail --help)",
+        add_help=False,
+    )
+
+
+def _run_sendmail(args: argparse.Namespace) -> int:
+    from slimta.cli.sendmail import run_sendmail
+
+    return run_sendmail(args.sendmail_args, sys.stdin.buffer, sys.stdout, sys.stderr)
+
+
+def _add_setup(commands: argparse._SubParsersAction[_Parser]) -> None:
+    parser = commands.add_parser(
+        "setup",
+        help="print the files that install slimta as a service",
+        description="Print the files that install slimta as a service.",
+    )
+    kinds = parser.add_subparsers(
+        title="kinds", metavar="KIND", required=True, parser_class=_Parser
+    )
+    systemd = kinds.add_parser(
+        "systemd",
+        help="print a systemd unit file",
+        description="Print a systemd unit file for slimta serve (save it as "
+        "/etc/systemd/system/slimta.service).",
+    )
+    systemd.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
+    systemd.add_argument("--user", metavar="USER", help="the user the server switches to")
+    systemd.set_defaults(run=_run_setup_systemd)
+
+
+def _run_setup_systemd(args: argparse.Namespace) -> int:
+    from slimta.cli.systemd import run_setup_systemd
+
+    sys.stdout.write(run_setup_systemd(args.config, args.user))
+    return EX_OK
+
+
 # --- the command ------------------------------------------------------------------
 
 #: The subcommands, in the order of ``slimta --help``.
-#: Colleagues: sendmail, queue (list, show, flush, remove, hold, release) and
-#: setup (systemd) are added here, each as one _add_* function.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = [
     _add_serve,
     _add_check_config,
     _add_example_config,
     _add_passwd,
+    _add_queue,
+    _add_sendmail,
+    _add_setup,
 ]
 
 
@@ -193,11 +299,21 @@ def _parser() -> _Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``slimta`` command.
 
+    Run as ``sendmail`` (a symlink of that name), it is ``slimta sendmail``.
+
     :param argv: the arguments (default ``sys.argv[1:]``).
     :returns: the exit status (``sysexits.h``).
     """
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "sendmail":
+            argv = ["sendmail", *argv]
     try:
-        args = _parser().parse_args(argv)
+        if list(argv[:1]) == ["sendmail"]:
+            # sendmail's own option syntax; see _add_sendmail.
+            args = argparse.Namespace(run=_run_sendmail, sendmail_args=list(argv[1:]))
+        else:
+            args = _parser().parse_args(argv)
     except _Usage as exc:
         print(f"slimta: {exc}", file=sys.stderr)
         return EX_USAGE

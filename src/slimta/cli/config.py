@@ -80,10 +80,13 @@ class ServerConfig:
     hostname: str
     data_dir: Path
     log_level: str
+    log_format: str
     user: str | None
     group: str | None
     trusted_networks: tuple[IPNetwork, ...]
     shutdown_grace: float
+    #: Worker processes (``"auto"`` is resolved when the file is read).
+    workers: int
 
 
 @dataclass(frozen=True, slots=True)

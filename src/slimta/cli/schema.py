@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,27 @@ class Seconds(Kind):
         if not math.isfinite(value) or value < self.low:
             raise Mismatch()
         return float(value)
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the
+    system has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+class WorkerCount(Kind):
+    """A number of worker processes, or ``"auto"``: one per usable core."""
+
+    what = 'an integer from 1 to 256, or "auto" (one per CPU core)'
+
+    def parse(self, value: object, base: Path) -> object:
+        if value == "auto":
+            return usable_cpus()
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+            raise Mismatch()
+        return value
 
 
 class Text(Kind):
@@ -423,6 +445,13 @@ SECTIONS: tuple[Section, ...] = (
                 "The least important log lines written (to standard error).",
             ),
             Key(
+                "log_format",
+                Choice("text", "json"),
+                "text",
+                'How log lines are written: "text" (time, level, logger, message) or '
+                '"json" (one JSON object per line, the mail log\'s fields as keys).',
+            ),
+            Key(
                 "user",
                 Text(),
                 None,
@@ -451,6 +480,13 @@ SECTIONS: tuple[Section, ...] = (
                 Seconds(0.0),
                 10.0,
                 "On SIGTERM or SIGINT, seconds open sessions get to finish.",
+            ),
+            Key(
+                "workers",
+                WorkerCount(),
+                1,
+                "Processes that share the listeners, each with its own queue "
+                '(data_dir/queue/worker-<n>); "auto": one per CPU core. Changes at restart.',
             ),
         ),
     ),

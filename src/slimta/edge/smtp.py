@@ -4,11 +4,17 @@
 connection with an internal :class:`SmtpSession` as its handlers, and calls
 the hooks of a user's :class:`SmtpValidators` subclass, which decide on each
 reply.
+
+Each session logs its connection, TLS, refused commands, accepted messages
+(with their queue ids) and disconnection to the mail log
+(:mod:`slimta.logging.maillog`, logger ``slimta.maillog.edge``).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +24,7 @@ from slimta import logging as slogging
 from slimta.edge import EdgeServer, Handoff, QueueLike
 from slimta.envelope import Envelope
 from slimta.logging import getSocketLogger
+from slimta.logging.maillog import EDGE, MailLog, reply_text
 from slimta.smtp import ConnectionLost
 from slimta.smtp._address import decode_xtext
 from slimta.smtp.reply import Reply
@@ -27,6 +34,10 @@ from slimta.util.ptrlookup import PtrLookup
 __all__ = ["SmtpEdge", "SmtpValidators"]
 
 log = getSocketLogger(__name__)
+
+#: The mail log of sessions (:mod:`slimta.logging.maillog`).
+_maillog = MailLog(EDGE)
+_INFO = logging.INFO
 
 
 class SmtpValidators:
@@ -60,8 +71,13 @@ class SmtpSession:
     """
 
     __slots__ = (
+        "_io",
+        "_messages",
+        "_opened",
         "_ptr_lookup",
         "_ptr_runtime",
+        "_rejects",
+        "_tls",
         "address",
         "auth",
         "ehlo_as",
@@ -103,6 +119,14 @@ class SmtpSession:
         self.validators = validator_class(self) if validator_class is not None else None
         self._ptr_lookup: PtrLookup | None = None
         self._ptr_runtime = 0.0
+        # For the mail log: the connection's IO (set by SmtpEdge.handle), the
+        # TLS (protocol, cipher), messages accepted and commands refused,
+        # and when the session started (None once its end is logged).
+        self._io: Any = None
+        self._tls: tuple[str | None, str | None] | None = None
+        self._messages = 0
+        self._rejects = 0
+        self._opened: float | None = None
 
     def _start_ptr_lookup(self, runtime: float) -> None:
         """Look the client's address up; the first message waits for the
@@ -149,9 +173,88 @@ class SmtpSession:
         if validators is not None and name in _hooks_of(type(validators)):
             getattr(validators, name)(*args)
 
+    # Mail log (slimta.logging.maillog) -------------------------------------
+    def _peer_fields(self) -> dict[str, Any]:
+        address = self.address
+        if isinstance(address, tuple) and len(address) >= 2:
+            return {"client": address[0], "port": address[1]}
+        return {"client": address or None, "port": None}
+
+    def _log_connect(self) -> None:
+        self._opened = time.monotonic()
+        if _maillog.wanted():
+            _maillog.emit(_INFO, "connect", self._peer_fields())
+
+    def _log_disconnect(self) -> None:
+        opened = self._opened
+        if opened is None:
+            return  # never logged as connected, or logged already
+        self._opened = None
+        if not _maillog.wanted():
+            return
+        fields = self._peer_fields()
+        tls = self._tls
+        fields["tls"] = "yes" if self.security == "TLS" else "no"
+        fields["tls_protocol"] = tls[0] if tls else None
+        fields["tls_cipher"] = tls[1] if tls else None
+        fields["messages"] = self._messages
+        fields["rejects"] = self._rejects
+        fields["duration"] = round(time.monotonic() - opened, 3)
+        _maillog.emit(_INFO, "disconnect", fields)
+
+    def _log_tls(self) -> None:
+        sock: Any = self._io.socket if self._io is not None else None
+        protocol = cipher = None
+        # ssl.SSLSocket, or gevent's, which does not derive from it.
+        if sock is not None and callable(getattr(sock, "cipher", None)):
+            protocol = sock.version()
+            described = sock.cipher()
+            cipher = described[0] if described else None
+        self._tls = (protocol, cipher)
+        fields = self._peer_fields()
+        fields["tls_protocol"], fields["tls_cipher"] = self._tls
+        _maillog.emit(_INFO, "tls", fields)
+
+    def _reject(
+        self, command: str, reply: Reply, sender: str | None = None, rcpt: str | None = None
+    ) -> None:
+        """Count, and log, a command refused with *reply*."""
+        self._rejects += 1
+        if not _maillog.wanted():
+            return
+        fields = self._peer_fields()
+        fields["command"] = command
+        fields["code"] = reply.code
+        fields["reply"] = reply_text(reply)
+        fields["from"] = sender
+        fields["to"] = rcpt
+        fields["helo"] = self.ehlo_as
+        _maillog.emit(_INFO, "reject", fields)
+
+    def _log_accepted(self, results: list[tuple[Envelope, Any]], size: int) -> None:
+        """Log each message the queue stored: one line per queue id."""
+        ip = self.address[0] if isinstance(self.address, tuple) and self.address else None
+        auth = self.auth[0] if self.auth else None
+        for envelope, outcome in results:
+            if outcome is None or isinstance(outcome, BaseException):
+                continue
+            fields = {
+                "id": str(outcome),
+                "from": envelope.sender,
+                "size": size,
+                "nrcpt": len(envelope.recipients),
+                "client": ip,
+                "proto": self.protocol,
+                "helo": self.ehlo_as,
+                "auth": auth,
+            }
+            _maillog.emit(_INFO, "accepted", fields)
+
     # Server callbacks ------------------------------------------------------
     def BANNER_(self, reply: Reply) -> None:
         self._hook("handle_banner", reply, self.address)
+        if reply.is_error():
+            self._reject("CONNECT", reply)
 
     def EHLO(self, reply: Reply, ehlo_as: str) -> None:
         self._hook("handle_ehlo", reply, ehlo_as)
@@ -159,6 +262,8 @@ class SmtpSession:
             self.extended_smtp = True
             self.ehlo_as = ehlo_as
             self.envelope = None
+        elif reply.is_error():
+            self._reject("EHLO", reply)
 
     def HELO(self, reply: Reply, helo_as: str) -> None:
         self._hook("handle_helo", reply, helo_as)
@@ -166,6 +271,8 @@ class SmtpSession:
             self.extended_smtp = False
             self.ehlo_as = helo_as
             self.envelope = None
+        elif reply.is_error():
+            self._reject("HELO", reply)
 
     def TLSHANDSHAKE(self) -> None:
         # RFC 3207 4.2: the client must greet again; forget what came before.
@@ -173,12 +280,16 @@ class SmtpSession:
         self.ehlo_as = None
         self.envelope = None
         self.auth = None
+        if _maillog.wanted():
+            self._log_tls()
         self._hook("handle_tls")
 
     def AUTH(self, reply: Reply, creds: Any) -> None:
         self._hook("handle_auth", reply, creds)
         if reply.code == "235":
             self.auth = (creds.authcid, creds.authzid)
+        elif reply.is_error():
+            self._reject("AUTH", reply)
 
     def MAIL(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
         self._hook("handle_mail", reply, address, params)
@@ -191,12 +302,17 @@ class SmtpSession:
             envid = params.get(b"ENVID")
             if isinstance(envid, bytes):
                 self.envelope.dsn_envid = decode_xtext(envid)
+            # RFC 8689: the core accepts it only under TLS, when offered.
+            if params.get(b"REQUIRETLS") is True:
+                self.envelope.requiretls = True
             submitter = params.get(b"AUTH")
             # RFC 4954 5: only an authenticated client may name a submitter.
             if isinstance(submitter, bytes) and submitter != b"<>" and self.auth:
                 self.submitter = decode_xtext(submitter)
             else:
                 self.submitter = None
+        elif reply.is_error():
+            self._reject("MAIL", reply, address)
 
     def RCPT(self, reply: Reply, address: str, params: dict[bytes, Any]) -> None:
         self._hook("handle_rcpt", reply, address, params)
@@ -205,6 +321,8 @@ class SmtpSession:
             envelope.recipients.append(address)
             if params:
                 self._keep_dsn_params(envelope, address, params)
+        elif reply.is_error():
+            self._reject("RCPT", reply, envelope.sender if envelope else None, address)
 
     @staticmethod
     def _keep_dsn_params(envelope: Envelope, address: str, params: dict[bytes, Any]) -> None:
@@ -223,6 +341,9 @@ class SmtpSession:
 
     def DATA(self, reply: Reply) -> None:
         self._hook("handle_data", reply)
+        if reply.is_error():
+            envelope = self.envelope
+            self._reject("DATA", reply, envelope.sender if envelope else None)
 
     def RSET(self, reply: Reply) -> None:
         self.envelope = None
@@ -231,13 +352,17 @@ class SmtpSession:
     def HAVE_DATA(self, reply: Reply, data: bytes | None, err: Exception | None) -> None:
         envelope = self.envelope
         self.envelope = None
+        sender = envelope.sender if envelope is not None else None
         if err is not None:
             # The core refused the content and chose the reply (552 5.3.4
             # for a message over SIZE).
+            self._reject("END-OF-MESSAGE", reply, sender)
             return
         assert data is not None and envelope is not None
         self._hook("handle_have_data", reply, data)
         if reply.code != "250":
+            if reply.is_error():
+                self._reject("END-OF-MESSAGE", reply, sender)
             return
         # Spec 16: 4.0 never stored the PTR result; wait for it, bounded.
         self._end_ptr_lookup(self._ptr_runtime)
@@ -253,6 +378,12 @@ class SmtpSession:
         handoff = self.handoff(envelope)
         reply.copy(handoff.reply)
         self._hook("handle_queued", reply, handoff.results)
+        if handoff.accepted:
+            self._messages += 1
+            if _maillog.wanted():
+                self._log_accepted(handoff.results, len(data))
+        if reply.is_error():
+            self._reject("END-OF-MESSAGE", reply, sender)
 
 
 _HOOK_NAMES = (
@@ -316,6 +447,11 @@ class SmtpEdge(EdgeServer):
     #: Seconds after a connection opens until which its first message waits
     #: for a PTR answer still outstanding, before being queued without it.
     ptr_lookup_timeout = 5.0
+    #: Offer REQUIRETLS (RFC 8689) in the EHLO reply of TLS sessions and
+    #: accept ``MAIL FROM:<...> REQUIRETLS`` there, which sets
+    #: :attr:`Envelope.requiretls <slimta.envelope.Envelope.requiretls>`.
+    #: Set to ``False`` when the queue's relays cannot honour it.
+    requiretls = True
 
     def __init__(
         self,
@@ -369,8 +505,13 @@ class SmtpEdge(EdgeServer):
         )
         if self.max_size:
             server.extensions.add("SIZE", self.max_size)
+        if self.requiretls and self.context is not None:
+            # The core leaves it out of the EHLO reply until TLS is on.
+            server.extensions.add("REQUIRETLS")
         if self.ptr_lookup:
             session._start_ptr_lookup(self.ptr_lookup_timeout)
+        session._io = server.io
+        session._log_connect()
         self._serve(server)
 
     @property
@@ -410,6 +551,7 @@ class SmtpEdge(EdgeServer):
 
     @staticmethod
     def _close(server: Server) -> None:
+        server.handlers._log_disconnect()
         server.io.close()
         server.handlers._end_ptr_lookup(None)
 

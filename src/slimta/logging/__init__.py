@@ -1,6 +1,6 @@
 """Structured, machine-parseable log lines on top of stdlib :mod:`logging`.
 
-Every line slimta logs has the shape::
+Every line logged through these helpers has the shape::
 
     <type>:<id>:<operation>[ key=value ...]
 
@@ -12,6 +12,12 @@ valid literal, so :func:`parseline` can read every line back.
 
 Loggers are named after the modules that use them (``slimta.edge.smtp``,
 ``slimta.queue`` ...), so the usual :mod:`logging` configuration applies.
+
+The mail log is apart from these lines: one Postfix-like line per session
+and delivery event, with the queue id, on the loggers ``slimta.maillog.edge``
+and ``slimta.maillog.queue`` (:mod:`slimta.logging.maillog`), and
+:class:`~slimta.logging.jsonformat.JsonFormatter` writes any record as a
+JSON line.
 
 .. warning::
 

@@ -5,6 +5,10 @@
 messages of one storage moving: it stores what edges give it, attempts each
 message through a relay, retries transient failures on a schedule
 (:func:`default_backoff`) and bounces permanent ones.
+
+Each attempt's outcome per recipient, each bounce and each removal is a
+line of the mail log (:mod:`slimta.logging.maillog`, logger
+``slimta.maillog.queue``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from gevent.pool import Pool
 
 from slimta import logging as slogging
 from slimta.core import SlimtaError
+from slimta.logging.maillog import QUEUE as _MAILLOG_QUEUE
+from slimta.logging.maillog import MailLog, reply_text
 from slimta.policy import QueuePolicy
 from slimta.relay import PermanentRelayError, RecipientResult, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
@@ -35,6 +41,8 @@ __all__ = ["Queue", "QueueError", "QueueStorage", "default_backoff"]
 _T = TypeVar("_T")
 
 _log = logging.getLogger(__name__)
+#: One line per delivery outcome, bounce and removal (slimta.logging.maillog).
+_maillog = MailLog(_MAILLOG_QUEUE)
 
 
 class QueueError(SlimtaError):
@@ -228,10 +236,16 @@ def _given_up(reply: Reply) -> Reply:
     return given_up
 
 
-def _log_failures(id: str, failed: list[tuple[str, Reply]], what: str) -> None:
-    """Tell the operator why message *id* was not delivered to *failed*."""
-    for rcpt, reply in failed:
-        _log.warning("message %s to <%s> %s: %s", id, rcpt, what, reply)
+def _relay_name(reply: Reply | None) -> str:
+    """Where *reply* came from, for the mail log: its ``address`` as
+    ``host:port`` (``[v6]:port``), or ``none`` when the relay did not say."""
+    address = reply.address if reply is not None else None
+    if address is None:
+        return "none"
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
 
 
 def _unhandled_reply(exc: BaseException) -> Reply:
@@ -250,6 +264,8 @@ class _Outcomes:
         self.permanent: list[tuple[str, Reply]] = []
         #: Try again: ``(recipient, reply)``.
         self.transient: list[tuple[str, Reply]] = []
+        #: Delivered: ``(recipient, reply or None)``.
+        self.sent: list[tuple[str, Reply | None]] = []
 
     @classmethod
     def classify(
@@ -279,6 +295,7 @@ class _Outcomes:
                 outcomes.transient.append((rcpt, Reply("450", _NO_RESULT)))
             else:
                 outcomes.done.append(index)
+                outcomes.sent.append((rcpt, result if isinstance(result, Reply) else None))
         return outcomes
 
 
@@ -682,26 +699,33 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         except TransientRelayError as exc:
             return self._retry_later(id, envelope, [(r, exc.reply) for r in recipients])
         except PermanentRelayError as exc:
-            _log_failures(id, [(r, exc.reply) for r in recipients], "failed")
-            if not self._bounce(envelope, recipients, exc.reply):
+            failed = [(r, exc.reply) for r in recipients]
+            self._log_delivery(id, envelope, attempts + 1, "bounced", failed)
+            if not self._bounce(id, envelope, recipients, exc.reply):
                 return self._bounce_later(id)
-            self._store_call(self.store.remove, id)
+            self._remove(id)
             return None
         except Exception as exc:
             slogging.log_exception(__name__, id=id)
             reply = _unhandled_reply(exc)
             return self._retry_later(id, envelope, [(r, reply) for r in recipients])
         if not isinstance(results, Mapping | list | tuple):
-            self._store_call(self.store.remove, id)
+            if _maillog.wanted():
+                done = results if isinstance(results, Reply) else None
+                sent = [(r, done) for r in recipients]
+                self._log_delivery(id, envelope, attempts + 1, "sent", sent)
+            self._remove(id)
             return None
         # Relay policies may have rewritten the addresses the results use.
         names = envelope.recipients if len(envelope.recipients) == len(recipients) else recipients
         outcomes = _Outcomes.classify(recipients, names, results)
         unbounced: list[tuple[str, Reply]] = []
+        if outcomes.sent:
+            self._log_delivery(id, envelope, attempts + 1, "sent", outcomes.sent)
         if outcomes.permanent:
-            _log_failures(id, outcomes.permanent, "failed")
+            self._log_delivery(id, envelope, attempts + 1, "bounced", outcomes.permanent)
         for group, reply in self._group_by_reply(outcomes.permanent):
-            if not self._bounce(envelope, group, reply):
+            if not self._bounce(id, envelope, group, reply):
                 unbounced.extend((rcpt, reply) for rcpt in group)
         if unbounced:
             # Their bounce could not be queued: they are tried, and bounced,
@@ -710,7 +734,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
             outcomes.done = [i for i in outcomes.done if recipients[i] not in kept]
             outcomes.transient.extend(unbounced)
         if not outcomes.transient:
-            self._store_call(self.store.remove, id)
+            self._remove(id)
             return None
         if outcomes.done:
             self._store_call(self.store.set_recipients_delivered, id, outcomes.done)
@@ -723,19 +747,62 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         attempts = self._store_call(self.store.increment_attempts, id)
         wait = self.backoff(envelope, attempts)
         if wait is None:
-            _log_failures(id, failed, f"gave up after {attempts} attempts")
+            expired = [(rcpt, _given_up(reply)) for rcpt, reply in failed]
+            self._log_delivery(id, envelope, attempts, "expired", expired)
             bounced = [
-                self._bounce(envelope, group, _given_up(reply))
-                for group, reply in self._group_by_reply(failed)
+                self._bounce(id, envelope, group, reply)
+                for group, reply in self._group_by_reply(expired)
             ]
             if not all(bounced):
                 return self._bounce_later(id)
-            self._store_call(self.store.remove, id)
+            self._remove(id)
             return None
-        _log_failures(id, failed, f"deferred (attempt {attempts}, next in {wait:.0f} s)")
+        self._log_delivery(id, envelope, attempts, "deferred", failed, wait)
         when = self.clock() + wait
         self._store_call(self.store.set_timestamp, id, when)
         return when
+
+    def _remove(self, id: str) -> None:
+        """Delete message *id*, which needs nothing more, and log it."""
+        self._store_call(self.store.remove, id)
+        if _maillog.wanted(logging.DEBUG):
+            _maillog.emit(logging.DEBUG, "removed", {"id": id})
+
+    def _log_delivery(
+        self,
+        id: str,
+        envelope: Envelope,
+        attempt: int,
+        status: str,
+        outcomes: Sequence[tuple[str, Reply | None]],
+        retry: float | None = None,
+    ) -> None:
+        """One mail-log line per recipient of attempt number *attempt*.
+
+        :param status: ``sent`` (logged at INFO), ``deferred``, ``bounced``
+            or ``expired`` (at WARNING).
+        :param outcomes: ``(recipient, reply)``; the reply may be ``None``
+            for a delivery.
+        :param retry: seconds until the next attempt, for ``deferred``.
+        """
+        level = logging.INFO if status == "sent" else logging.WARNING
+        if not _maillog.wanted(level):
+            return
+        timestamp = envelope.timestamp
+        delay = None if timestamp is None else round(max(0.0, self.clock() - timestamp), 3)
+        for rcpt, reply in outcomes:
+            fields = {
+                "id": id,
+                "to": rcpt,
+                "relay": _relay_name(reply),
+                "delay": delay,
+                "attempt": attempt,
+                "status": status,
+                "code": reply.code if reply is not None else None,
+                "reply": reply_text(reply),
+                "retry": retry,
+            }
+            _maillog.emit(level, "delivery", fields)
 
     @staticmethod
     def _group_by_reply(failed: list[tuple[str, Reply]]) -> list[tuple[list[str], Reply]]:
@@ -750,8 +817,8 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         self._store_call(self.store.set_timestamp, id, when)
         return when
 
-    def _bounce(self, envelope: Envelope, recipients: list[str], reply: Reply) -> bool:
-        """Enqueue a bounce to the sender of *envelope* for *recipients*.
+    def _bounce(self, id: str, envelope: Envelope, recipients: list[str], reply: Reply) -> bool:
+        """Enqueue a bounce to the sender of message *id* (*envelope*) for *recipients*.
 
         :returns: ``False`` when a bounce is due but could not be queued; the
             caller then keeps the message, so that the report is not lost.
@@ -776,4 +843,6 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
             if isinstance(outcome, BaseException):
                 _log.error("bounce to %r not queued: %r", envelope.sender, outcome)
                 queued = False
+            elif outcome is not None and _maillog.wanted():
+                _maillog.emit(logging.INFO, "bounce", {"id": id, "bounce_id": str(outcome)})
         return queued

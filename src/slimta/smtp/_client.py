@@ -157,6 +157,7 @@ def mail_argument(
     size: int | None = None,
     smtputf8: bool = False,
     body: str | None = None,
+    requiretls: bool = False,
 ) -> bytes:
     """The argument of ``MAIL``: ``FROM:<address>`` and its parameters.
 
@@ -164,6 +165,7 @@ def mail_argument(
     :param size: the ``SIZE=`` parameter (RFC 1870).
     :param smtputf8: add ``SMTPUTF8`` and encode the address as UTF-8.
     :param body: the ``BODY=`` value: ``'8BITMIME'`` or ``'BINARYMIME'``.
+    :param requiretls: add ``REQUIRETLS`` (RFC 8689 2).
     :raises UnicodeEncodeError: a non-ASCII address without *smtputf8*.
     :raises ValueError: a line break or NUL in the address.
     """
@@ -174,6 +176,8 @@ def mail_argument(
         arg += b" BODY=" + body.encode("ascii")
     if smtputf8:
         arg += b" SMTPUTF8"
+    if requiretls:
+        arg += b" REQUIRETLS"
     return _check_arg(arg)
 
 

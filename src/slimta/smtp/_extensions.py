@@ -7,7 +7,7 @@ the public class, a subclass of this one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, TypeVar
 
 __all__ = ["Extensions"]
@@ -78,10 +78,16 @@ class Extensions:
                 self.add(keyword, param.strip() or None)
         return lines[0]
 
-    def build_string(self, header: str) -> str:
-        """The text of an EHLO reply: *header* then one line per extension."""
+    def build_string(self, header: str, omit: Collection[str] = ()) -> str:
+        """The text of an EHLO reply: *header* then one line per extension.
+
+        :param omit: upper-cased keywords to leave out of this reply, e.g.
+            ``REQUIRETLS`` before TLS (RFC 8689 2).
+        """
         lines = [header]
         for keyword, param in self.extensions.items():
+            if omit and keyword in omit:
+                continue
             if param is None:
                 lines.append(keyword)
                 continue

@@ -125,10 +125,19 @@ _R_ENVID = (501, "5.5.4 Bad ENVID parameter syntax")
 _R_NOTIFY = (501, "5.5.4 Bad NOTIFY parameter syntax")
 _R_ORCPT = (501, "5.5.4 Bad ORCPT parameter syntax")
 _R_AUTH_PARAM = (501, "5.5.4 Bad AUTH parameter syntax")
+#: REQUIRETLS (RFC 8689 2) takes no value and is only offered under TLS;
+#: 530 is RFC 3207's "Must issue a STARTTLS command first", X.7.10
+#: "Encryption needed" (RFC 5248).
+_R_REQUIRETLS_VALUE = (501, "5.5.4 REQUIRETLS takes no value")
+_R_REQUIRETLS_PLAIN = (530, "5.7.10 REQUIRETLS needs a TLS session")
 #: A message over the SIZE limit, whether it came by DATA or BDAT.
 _R_TOO_BIG = (552, "5.3.4 Message exceeded size limit")
 _R_BARE_IN_DATA = (550, "5.5.2 Message contains bare CR or LF characters")
 _R_LONG_DATA_LINE = (554, "5.6.0 Message contains a line longer than 998 octets")
+
+#: Keywords advertised only on TLS sessions (RFC 8689 2: REQUIRETLS is
+#: offered in the EHLO reply after STARTTLS, never before).
+_TLS_ONLY_KEYWORDS = frozenset({"REQUIRETLS"})
 
 #: Commands of RFC 5321 and its forerunners that this server does not
 #: implement: 502, where any other unknown verb gets 500 (RFC 5321 4.2.4).
@@ -153,7 +162,9 @@ class ServerConnection:
     :param extensions: what EHLO advertises; the core reads it at the time of
         each command, so callers may change it during the session. Keywords
         the core acts on: SIZE, 8BITMIME, SMTPUTF8, CHUNKING, BINARYMIME,
-        STARTTLS, AUTH, PIPELINING, DSN.
+        STARTTLS, AUTH, PIPELINING, DSN, REQUIRETLS. REQUIRETLS (RFC 8689)
+        is advertised, and its MAIL parameter accepted, only while
+        :attr:`encrypted`.
     :param max_recipients: accepted RCPTs per transaction; more get 452 4.5.3.
     :param max_errors: protocol errors per session before 421 4.7.0.
     :param data_line_limit: longest DATA text line, CRLF excluded.
@@ -478,6 +489,12 @@ class ServerConnection:
                 # RFC 3461 4.4: xtext, at most 100 characters.
                 if value is True or len(value) > 100 or not _XTEXT.match(value):  # type: ignore[arg-type]
                     raise ArgumentError(*_R_ENVID)
+            elif key == b"REQUIRETLS" and "REQUIRETLS" in ext:
+                # RFC 8689 2: no value, and only in a session under TLS.
+                if not self.encrypted:
+                    raise ArgumentError(*_R_REQUIRETLS_PLAIN)
+                if value is not True:
+                    raise ArgumentError(*_R_REQUIRETLS_VALUE)
             elif key == b"AUTH" and "AUTH" in ext:
                 # RFC 4954 section 5: an xtext mailbox or <>; kept for the caller.
                 if value is True or (value != b"<>" and not _XTEXT.match(value)):  # type: ignore[arg-type]
@@ -618,7 +635,8 @@ class ServerConnection:
             self._answer(event, code, message, nl)
             return
         if code == 250 and event.__class__ is ev.Ehlo:
-            message = self.extensions.build_string(message)
+            omit = () if self.encrypted else _TLS_ONLY_KEYWORDS
+            message = self.extensions.build_string(message, omit)
         self._queue(code, message, nl)
         self._reset_transaction()
         self._move(MV_HELLO)

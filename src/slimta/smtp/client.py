@@ -351,6 +351,7 @@ class Client:
         *,
         smtputf8: bool = False,
         body: str | None = None,
+        requiretls: bool = False,
     ) -> Reply:
         """Send ``MAIL FROM:<address>`` (pipelined when possible).
 
@@ -358,6 +359,9 @@ class Client:
         :param smtputf8: ask for ``SMTPUTF8`` even for an ASCII sender (a
             recipient needs it).
         :param body: ``BODY=`` value, e.g. ``'8BITMIME'``.
+        :param requiretls: send the ``REQUIRETLS`` parameter (RFC 8689); the
+            caller checks first that the session is under TLS and that the
+            server advertised REQUIRETLS.
         :returns: the reply; ``553 5.6.7`` without any round trip when a
             non-ASCII address needs SMTPUTF8 and the server lacks it.
         """
@@ -366,7 +370,9 @@ class Client:
             return self._local(b"MAIL", *SMTPUTF8_REQUIRED)
         size = data_size if data_size is not None and "SIZE" in self.extensions else None
         try:
-            arg = mail_argument(address, size=size, smtputf8=needs_utf8, body=body)
+            arg = mail_argument(
+                address, size=size, smtputf8=needs_utf8, body=body, requiretls=requiretls
+            )
         except ValueError:
             return self._local(b"MAIL", 501, "5.1.7 Invalid sender address")
         return self._command(b"MAIL", arg)

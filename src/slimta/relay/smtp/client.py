@@ -7,7 +7,10 @@ One :class:`SmtpRelayClient` runs one connection (spec 7.5):
 2. EHLO, falling back to HELO when EHLO is answered with 500;
 3. STARTTLS whenever advertised (or *tls_required*), then EHLO again;
 4. AUTH with *credentials*;
-5. per message: MAIL, RCPT each recipient, DATA (pipelined when possible),
+5. per message: for a REQUIRETLS message (RFC 8689), a check that the
+   session is under TLS that authenticated the server and that the server
+   offers REQUIRETLS, else ``550 5.7.30`` before anything is sent;
+   MAIL (with ``REQUIRETLS`` then), RCPT each recipient, DATA (pipelined when possible),
    the data; BDAT chunks instead of DATA for content that needs BINARYMIME
    and for messages over *bdat_threshold*, when the server offers CHUNKING;
    per-recipient results; RSET after a failure;
@@ -44,6 +47,8 @@ from slimta.relay.smtp.tlspolicy import (
     classify_tls_error,
     peer_chain,
     policy_failure,
+    requiretls_failure,
+    verifies,
 )
 from slimta.smtp import SmtpError
 from slimta.smtp._client import (
@@ -219,6 +224,9 @@ class SmtpRelayClient(RelayPoolClient):
     #: Whether BDAT may replace DATA (LMTP's per-recipient replies to BDAT
     #: are not supported).
     _bdat_allowed = True
+    #: Whether REQUIRETLS messages are relayed as RFC 8689 asks; LMTP is
+    #: final delivery, which the RFC leaves out (4.4).
+    _relays_requiretls = True
 
     def __init__(
         self,
@@ -486,9 +494,12 @@ class SmtpRelayClient(RelayPoolClient):
             # RFC 6531 3.2: no downgrade; refuse without a round trip.
             code, text = SMTPUTF8_REQUIRED
             raise SmtpPermanentRelayError(self._reply(str(code), text, b"MAIL"))
+        requiretls = envelope.requiretls and self._relays_requiretls
+        if requiretls:
+            self._check_requiretls(client)
         header, body, body_type, bdat = self._prepare(client, envelope)
         with self._deadline(self.command_timeout, b"MAIL"):
-            mail = client.mailfrom(sender, smtputf8=utf8, body=body_type)
+            mail = client.mailfrom(sender, smtputf8=utf8, body=body_type, requiretls=requiretls)
         if mail and mail.is_error():
             raise SmtpRelayError.factory(mail)
         rcpts: list[tuple[str, Reply]] = []
@@ -513,6 +524,26 @@ class SmtpRelayClient(RelayPoolClient):
             raise SmtpRelayError.factory(data)
         final = self._send_message(client, header, body, bdat, body_type)
         return self._finish(client, rcpts, final)
+
+    def _check_requiretls(self, client: Client) -> None:
+        """Refuse a REQUIRETLS message (``550 5.7.30``) unless this session
+        meets RFC 8689 4.2.1: TLS whose certificate was authenticated (by the
+        requirement's DANE records or PKIX check, or without one by a
+        verifying context) and REQUIRETLS in the EHLO reply after it."""
+        address = self.address
+        host = str(address[0]) if isinstance(address, tuple) and address else str(address)
+        requirement = self.tls_requirement
+        if not client.io.encrypted:
+            reason = f"{host} did not negotiate TLS"
+        elif not (requirement.authenticates if requirement else verifies(self._get_context())):
+            reason = f"the certificate of {host} was not authenticated"
+        elif "REQUIRETLS" not in client.extensions:
+            reason = f"{host} does not offer REQUIRETLS"
+        else:
+            return
+        reply = requiretls_failure(reason)
+        reply.address = self.address
+        raise SmtpPermanentRelayError(reply)
 
     def _finish(
         self, client: Client, rcpts: list[tuple[str, Reply]], final: Any

@@ -19,12 +19,14 @@ class LmtpRelayClient(SmtpRelayClient):
     LHLO replaces EHLO (there is no HELO fallback), and the data draws one
     reply per accepted recipient: a recipient whose reply is an error gets
     an :class:`~slimta.relay.smtp.SmtpRelayError` in the result dict, and
-    RSET follows.
+    RSET follows. REQUIRETLS messages are delivered as any other: LMTP
+    hands them to the message store, final delivery that RFC 8689 leaves out.
     """
 
     _client_class: type[Client] = LmtpClient
     # The data always goes with DATA, which draws the per-recipient replies.
     _bdat_allowed = False
+    _relays_requiretls = False
 
     def _hello(self, client: Client) -> Reply:
         if not isinstance(client, LmtpClient):

@@ -64,10 +64,41 @@ never reused for mail that asks something else.
 
 Domains given to :meth:`MxSmtpRelay.force_mx` and address literals are
 delivered without either policy.
+
+REQUIRETLS and ``TLS-Required: No`` (RFC 8689)
+----------------------------------------------
+
+A message whose :attr:`~slimta.envelope.Envelope.requiretls` is set goes
+only where RFC 8689 4.2.1 allows:
+
+* to an exchanger that MTA-STS (a policy in ``enforce`` or ``testing`` mode
+  whose ``mx`` patterns it matches; the policy is then enforced for this
+  message whatever its mode) or DANE (usable, validated TLSA records)
+  authenticates; DANE records that are all unusable do not do;
+* over TLS that the policy authenticated, to a server whose EHLO reply
+  after STARTTLS offers REQUIRETLS; ``MAIL`` then carries ``REQUIRETLS``.
+
+An exchanger that fails any of these is skipped like an unreachable one.
+When none is left the message fails for good,
+``550 5.7.30 REQUIRETLS support required: <reason>``, so that the queue
+bounces it (the bounce carries only the header block, see
+:mod:`slimta.bounce`); so does a relay with neither *mta_sts* nor *dane*,
+and a domain that has no MTA-STS policy when no exchanger has DANE records.
+Failures that may pass (an exchanger that cannot be reached, a failed TLSA
+lookup, an MTA-STS policy that could not be fetched) stay transient.
+Forced domains and address literals are not found through MX records: a
+REQUIRETLS message goes there only over TLS that the relay's verifying
+*context* authenticated, to a server offering REQUIRETLS.
+
+A message with a ``TLS-Required: No`` header field (and no REQUIRETLS,
+:attr:`~slimta.envelope.Envelope.tls_optional`) is delivered as if neither
+policy were configured: its sender asked that MTA-STS and DANE not stop it.
+The relay's own *context* and *tls_required* still apply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -79,18 +110,29 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import pycares.errno
 
 from slimta import logging as slogging
-from slimta.relay import AttemptResult, PermanentRelayError, Relay, TransientRelayError
+from slimta.relay import (
+    AttemptResult,
+    PermanentRelayError,
+    Relay,
+    RelayError,
+    TransientRelayError,
+)
 from slimta.relay.smtp.dane import Dane, DaneStatus, check_chain
-from slimta.relay.smtp.mtasts import MtaSts, StsPolicy
+from slimta.relay.smtp.mtasts import MtaSts, PolicyFetchError, StsPolicy
 from slimta.relay.smtp.static import StaticSmtpRelay
 from slimta.relay.smtp.tlspolicy import (
     POLICY_FAILED_ESC,
+    REQUIRETLS_ESC,
     TlsOutcome,
     TlsRequirement,
     TlsResult,
     policy_failure,
+    requiretls_failure,
+    track_addresses,
+    verifies,
 )
 from slimta.smtp.reply import Reply
+from slimta.util._connect import create_connection
 from slimta.util.dns import DNSError, DNSResolver, TlsaRecord
 
 if TYPE_CHECKING:
@@ -110,6 +152,10 @@ _CONNECT_STEPS = (b"[CONNECT]", "[CONNECT]")
 #: The steps at which a TLS policy refuses an exchanger (451 4.7.5), before
 #: any mail was sent: the attempt goes on to the next exchanger.
 _POLICY_STEPS = (b"STARTTLS", b"[TLS]", b"[TLSA]")
+
+#: The steps at which a server's own TLS failed a policy (as opposed to a
+#: DNS lookup or a policy fetch), which for a REQUIRETLS message is final.
+_SERVER_TLS_STEPS = (b"STARTTLS", b"[TLS]")
 
 #: Seconds to wait for a DNS answer at most (c-ares normally gives up first).
 _DNS_WAIT = 60.0
@@ -231,6 +277,56 @@ def _policy_refused(exc: TransientRelayError) -> bool:
     )
 
 
+def _tls_refused(exc: RelayError) -> bool:
+    """True when a TLS policy or the REQUIRETLS rules refused an exchanger
+    before a REQUIRETLS message was sent (``451 4.7.5`` or ``550 5.7.30``)."""
+    return exc.reply.enhanced_status_code in (POLICY_FAILED_ESC, REQUIRETLS_ESC)
+
+
+def _requiretls_refusal(reason: str) -> PermanentRelayError:
+    """An exchanger (or a domain) that a REQUIRETLS message may not go to."""
+    reply = requiretls_failure(reason, b"[REQUIRETLS]")
+    return PermanentRelayError(f"REQUIRETLS: {reason}", reply)
+
+
+def _requiretls_final(exc: RelayError) -> RelayError:
+    """What ends a REQUIRETLS attempt whose last exchanger was refused with
+    *exc*: for good (``550 5.7.30``) unless the cause may pass."""
+    reply = exc.reply
+    if reply.enhanced_status_code == REQUIRETLS_ESC:
+        return exc
+    if reply.enhanced_status_code != POLICY_FAILED_ESC or reply.command not in _SERVER_TLS_STEPS:
+        return exc
+    final = requiretls_failure(reply.raw_message or "TLS failed", reply.command)
+    final.address = reply.address
+    return PermanentRelayError(f"REQUIRETLS: {reply.raw_message}", final)
+
+
+def _sts_strings(policy: StsPolicy | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """RFC 8460's "policy-string" (the policy's lines) and "mx-host" (its
+    ``mx`` patterns) of an MTA-STS policy, for TLS reports."""
+    if policy is None:
+        return (), ()
+    lines = tuple(line.strip(" \t\r") for line in policy.text.split("\n") if line.strip(" \t\r"))
+    if not lines:
+        lines = (
+            f"version: {policy.version}",
+            f"mode: {policy.mode}",
+            *(f"mx: {pattern}" for pattern in policy.mx),
+            f"max_age: {policy.max_age}",
+        )
+    return lines, policy.mx
+
+
+def _tlsa_strings(records: Iterable[TlsaRecord]) -> tuple[str, ...]:
+    """RFC 8460's "policy-string" of TLSA records: their presentation format."""
+    return tuple(
+        f"{rec.cert_usage} {rec.selector} {rec.matching_type} "
+        f"{rec.cert_association_data.hex().upper()}"
+        for rec in records
+    )
+
+
 def _records_key(records: Iterable[TlsaRecord]) -> Hashable:
     """The TLSA records as a key, without their TTLs."""
     return tuple(
@@ -238,11 +334,6 @@ def _records_key(records: Iterable[TlsaRecord]) -> Hashable:
             (r.cert_usage, r.selector, r.matching_type, r.cert_association_data) for r in records
         )
     )
-
-
-def _verifies(context: ssl.SSLContext) -> bool:
-    """True when *context* checks certificates and host names."""
-    return context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
 
 
 def _dane_context() -> ssl.SSLContext:
@@ -375,10 +466,10 @@ class MxSmtpRelay(Relay):
         self.local_hosts = frozenset(_mx_host(host) for host in local_hosts)
         self.context = context if context is not None else ssl.create_default_context()
         if verify_context is None:
-            verify_context = self.context if _verifies(self.context) else None
+            verify_context = self.context if verifies(self.context) else None
         #: The context of exchangers under an MTA-STS ``enforce`` policy.
         self.verify_context = verify_context or ssl.create_default_context()
-        if not _verifies(self.verify_context):
+        if not verifies(self.verify_context):
             raise ValueError("verify_context must verify certificates and host names")
         if mta_sts_cache is not None and (isinstance(mta_sts, MtaSts) or not mta_sts):
             raise ValueError("mta_sts_cache applies only with mta_sts=True")
@@ -559,16 +650,21 @@ class MxSmtpRelay(Relay):
 
     def _sts_policy(self, domain: str) -> StsPolicy | None:
         """The MTA-STS policy that applies to *domain* (``none`` mode: no policy)."""
+        return self._sts_lookup(domain)[0]
+
+    def _sts_lookup(self, domain: str) -> tuple[StsPolicy | None, PolicyFetchError | None]:
+        """:meth:`_sts_policy`, and why the live policy could not be fetched."""
         if self.mta_sts is None:
-            return None
+            return None, None
         found = self.mta_sts.lookup(_dns_name(domain))
         error = found.error
         if error is not None:
-            self._report(TlsOutcome("sts", domain, "", error.result, error.reason, False))
+            strings = _sts_strings(found.policy)
+            self._report(TlsOutcome("sts", domain, "", error.result, error.reason, False, *strings))
         policy = found.policy
         if policy is None or policy.mode == "none":
-            return None
-        return policy
+            return None, error
+        return policy, error
 
     def _sts_hosts(self, domain: str, policy: StsPolicy, records: list[MxHost]) -> list[MxHost]:
         """The exchangers an MTA-STS policy lets *domain*'s mail go to (RFC 8461 4.1)."""
@@ -579,7 +675,9 @@ class MxSmtpRelay(Relay):
             if not policy.matches(host):
                 reason = f"{host} is not an MX host of the MTA-STS policy of {domain}"
                 result = TlsResult.VALIDATION_FAILURE
-                self._report(TlsOutcome("sts", domain, host, result, reason, policy.enforce))
+                enforced = policy.enforce
+                strings = _sts_strings(policy)
+                self._report(TlsOutcome("sts", domain, host, result, reason, enforced, *strings))
         if not policy.enforce:
             return records
         if not kept:
@@ -621,10 +719,19 @@ class MxSmtpRelay(Relay):
         if isinstance(source, DaneStatus):
             assert self._dane_ctx is not None
             records = source.records
+            tlsa = _tlsa_strings(records)
             if source.kind == "unusable":
                 # RFC 7672 2.2: validated but unusable records still mean TLS.
                 return TlsRequirement(
-                    "tlsa", domain, host, self._dane_ctx, True, None, ("tlsa", None), self._report
+                    "tlsa",
+                    domain,
+                    host,
+                    self._dane_ctx,
+                    True,
+                    None,
+                    ("tlsa", None),
+                    self._report,
+                    policy_string=tlsa,
                 )
 
             def check(chain: Sequence[bytes]) -> tuple[TlsResult, str] | None:
@@ -632,16 +739,35 @@ class MxSmtpRelay(Relay):
 
             key = ("tlsa", _records_key(records))
             return TlsRequirement(
-                "tlsa", domain, host, self._dane_ctx, True, check, key, self._report
+                "tlsa", domain, host, self._dane_ctx, True, check, key, self._report, tlsa
             )
         assert isinstance(source, StsPolicy)
+        strings, patterns = _sts_strings(source)
         if source.enforce:
             return TlsRequirement(
-                "sts", domain, host, self.verify_context, True, None, ("sts", True), self._report
+                "sts",
+                domain,
+                host,
+                self.verify_context,
+                True,
+                None,
+                ("sts", True),
+                self._report,
+                strings,
+                patterns,
             )
         # testing: as without a policy, with the outcomes reported
         return TlsRequirement(
-            "sts", domain, host, self.context, False, None, ("sts", False), self._report
+            "sts",
+            domain,
+            host,
+            self.context,
+            False,
+            None,
+            ("sts", False),
+            self._report,
+            strings,
+            patterns,
         )
 
     # ---------------------------------------------------------------- delivery
@@ -655,8 +781,15 @@ class MxSmtpRelay(Relay):
                 self._drop_idle_relays()
             relay = self.new_static_relay(host, port)
             if requirement is not None:
-                # Every client of this pool negotiates TLS as the policy asks.
-                relay.client_kwargs = {**relay.client_kwargs, "tls_requirement": requirement}
+                # Every client of this pool negotiates TLS as the policy asks;
+                # its outcomes carry the session's addresses (RFC 8460).
+                kwargs = relay.client_kwargs
+                connect = track_addresses(kwargs.get("socket_creator") or create_connection)
+                relay.client_kwargs = {
+                    **kwargs,
+                    "tls_requirement": requirement,
+                    "socket_creator": connect,
+                }
             self._relays[key] = relay
         return relay
 
@@ -690,6 +823,8 @@ class MxSmtpRelay(Relay):
         :raises TransientRelayError: DNS failed for now, no exchanger could be
             reached, a TLS policy (MTA-STS, DANE) refused every exchanger
             tried (``451 4.7.5``), or a server refused the message for now.
+        :raises PermanentRelayError: ``550 5.7.30`` for a REQUIRETLS message
+            that no exchanger may take (see the module documentation).
         """
         domain = _destination_domain(envelope)
         forced = self._forced.get(domain)
@@ -700,30 +835,136 @@ class MxSmtpRelay(Relay):
             # RFC 5321 5.1: an address literal is the host itself; no DNS.
             return self._get_static_relay(literal, self.port).attempt(envelope, attempts)
         records = self._mx_records(domain)
+        if envelope.requiretls:
+            return self._attempt_requiretls(envelope, attempts, domain, records)
+        if self._policies and envelope.tls_optional:
+            # RFC 8689 4.2.2: the sender asked that MTA-STS and DANE not
+            # stand in the way; the relay's own TLS settings still apply.
+            hosts = self._try_order(records, attempts)
+            return self._first_usable(hosts, envelope, attempts, domain, lambda host: None)
         policy = self._sts_policy(domain)
         if policy is not None:
             records = self._sts_hosts(domain, policy, records)
         hosts = self._try_order(records, attempts)
+        if not self._policies:
+            return self._first_usable(hosts, envelope, attempts, domain, lambda host: None)
+
+        def requirement(host: str) -> TlsRequirement | None:
+            return self._requirement(domain, host, policy)
+
+        return self._first_usable(hosts, envelope, attempts, domain, requirement)
+
+    def _first_usable(
+        self,
+        hosts: Sequence[str],
+        envelope: Envelope,
+        attempts: int,
+        domain: str,
+        requirement: Callable[[str], TlsRequirement | None],
+        requiretls: bool = False,
+    ) -> AttemptResult:
+        """Deliver to the first of *hosts* that can be reached and that the
+        TLS policies (*requirement* of each host) and, for a REQUIRETLS
+        message, the REQUIRETLS rules let the message go to."""
         for i, host in enumerate(hosts):
             try:
-                requirement = self._requirement(domain, host, policy) if self._policies else None
-                relay = self._get_static_relay(host, self.port, requirement)
+                relay = self._get_static_relay(host, self.port, requirement(host))
                 return relay.attempt(envelope, attempts)
             except TransientRelayError as exc:
                 # RFC 8461 (and 7672): a host refused by a TLS policy is
                 # skipped like an unreachable one, before any mail was sent.
-                if i + 1 == len(hosts) or not (_connect_failed(exc) or _policy_refused(exc)):
-                    raise
-                _log.info(
-                    "MX %s:%s for %s unusable (%s %s), trying %s",
-                    host,
-                    self.port,
-                    domain,
-                    exc.reply.code,
-                    exc.reply.message,
-                    hosts[i + 1],
+                usable = _connect_failed(exc) or (
+                    _tls_refused(exc) if requiretls else _policy_refused(exc)
                 )
+                if not usable or i + 1 == len(hosts):
+                    if requiretls and usable:
+                        raise _requiretls_final(exc) from None
+                    raise
+                last: RelayError = exc
+            except PermanentRelayError as exc:
+                # RFC 8689 4.2.1: an exchanger that cannot take a REQUIRETLS
+                # message is skipped too; after the last, the message fails.
+                if not (requiretls and _tls_refused(exc)) or i + 1 == len(hosts):
+                    raise
+                last = exc
+            _log.info(
+                "MX %s:%s for %s unusable (%s %s), trying %s",
+                host,
+                self.port,
+                domain,
+                last.reply.code,
+                last.reply.message,
+                hosts[i + 1],
+            )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -------------------------------------------------------------- REQUIRETLS
+    def _attempt_requiretls(
+        self, envelope: Envelope, attempts: int, domain: str, records: list[MxHost]
+    ) -> AttemptResult:
+        """Deliver a REQUIRETLS message as RFC 8689 4.2.1 says: only to
+        exchangers an MTA-STS policy or DANE authenticates, over that TLS, to
+        servers offering REQUIRETLS; ``550 5.7.30`` when there are none."""
+        if not self._policies:
+            raise _requiretls_refusal(
+                f"neither MTA-STS nor DANE can authenticate the MX hosts of {domain}"
+            )
+        policy, fetch_error = self._sts_lookup(domain)
+        if policy is not None:
+            try:
+                records = self._sts_hosts(domain, policy, records)
+            except TransientRelayError as exc:
+                raise _requiretls_refusal(exc.reply.raw_message or "") from None
+            # A testing policy lists the valid hosts as well: only they may
+            # take the message, and they must pass as under enforce.
+            records = [record for record in records if policy.matches(record[1])]
+            if not records:
+                raise _requiretls_refusal(f"MTA-STS: no MX host of {domain} matches its policy")
+        elif self.dane is None:
+            if fetch_error is not None:
+                # The policy may come back: try again later.
+                reason = f"policy of {domain} not available: {fetch_error.reason}"
+                raise TransientRelayError(
+                    f"MTA-STS: {reason}", policy_failure("MTA-STS", reason, b"[MX]")
+                )
+            raise _requiretls_refusal(f"{domain} has no MTA-STS policy, and DANE is off")
+
+        def requirement(host: str) -> TlsRequirement:
+            return self._requiretls_requirement(domain, host, policy, fetch_error)
+
+        hosts = self._try_order(records, attempts)
+        return self._first_usable(hosts, envelope, attempts, domain, requirement, True)
+
+    def _requiretls_requirement(
+        self,
+        domain: str,
+        host: str,
+        policy: StsPolicy | None,
+        fetch_error: PolicyFetchError | None,
+    ) -> TlsRequirement:
+        """The requirement under which *host* may take a REQUIRETLS message:
+        one that authenticates it (DANE usable records, else MTA-STS enforced).
+
+        :raises PermanentRelayError: ``550 5.7.30``, nothing authenticates it.
+        :raises TransientRelayError: ``451 4.7.5``, its TLSA lookup failed, or
+            the MTA-STS policy could not be fetched and nothing else applies.
+        """
+        found = self._requirement(domain, host, policy)
+        if found is None:
+            if fetch_error is not None:
+                reason = f"policy of {domain} not available: {fetch_error.reason}"
+                raise TransientRelayError(
+                    f"MTA-STS: {reason}", policy_failure("MTA-STS", reason, b"[MX]")
+                )
+            raise _requiretls_refusal(f"no MTA-STS policy or DANE record authenticates {host}")
+        if found.authenticates:
+            return found
+        if found.policy_type == "tlsa":
+            raise _requiretls_refusal(f"the TLSA records of {host} are all unusable")
+        # MTA-STS testing: enforced for this message, with PKIX verification.
+        return dataclasses.replace(
+            found, context=self.verify_context, enforce=True, key=("sts", True)
+        )
 
     @property
     def _policies(self) -> bool:

@@ -28,6 +28,11 @@ class StaticSmtpRelay(RelayPool):
         ``connect_timeout``, ``command_timeout``, ``data_timeout``,
         ``idle_timeout``, ``credentials``, ``binary_encoder``).
 
+    A message flagged :attr:`~slimta.envelope.Envelope.requiretls` (RFC 8689)
+    goes only over TLS whose certificate *context* verified for *host*, to a
+    server that offers REQUIRETLS, with ``REQUIRETLS`` on its ``MAIL``;
+    otherwise it fails for good, ``550 5.7.30``, before ``MAIL`` is sent.
+
     .. versionchanged:: 4.0
        *context* replaces the ``tls`` dict.
     """

@@ -17,6 +17,11 @@ can count them per policy domain as they come.
 A failure that blocks delivery is the transient reply
 ``451 4.7.5 <reason>`` (RFC 3463: X.7.5 "cryptographic failure"), whose
 reason names the host and the cause; the message stays queued.
+
+A message sent with REQUIRETLS (RFC 8689) that cannot be relayed as it asks
+fails for good with :func:`requiretls_failure`:
+``550 5.7.30 REQUIRETLS support required: <reason>`` (X.7.30, registered by
+RFC 8689).
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import enum
 import ssl
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from gevent.local import local
 
 from slimta.smtp.reply import Reply
 
 __all__ = [
     "POLICY_FAILED_ESC",
+    "REQUIRETLS_ESC",
     "TlsCheck",
     "TlsOutcome",
     "TlsRequirement",
@@ -37,10 +46,18 @@ __all__ = [
     "classify_tls_error",
     "peer_chain",
     "policy_failure",
+    "requiretls_failure",
+    "session_addresses",
+    "track_addresses",
+    "verifies",
 ]
 
 #: The enhanced status code of every delivery a TLS policy refused.
 POLICY_FAILED_ESC = "4.7.5"
+
+#: The enhanced status code of a REQUIRETLS message that could not be relayed
+#: as RFC 8689 asks: "REQUIRETLS support required".
+REQUIRETLS_ESC = "5.7.30"
 
 
 class TlsResult(enum.Enum):
@@ -90,6 +107,15 @@ class TlsOutcome:
     #: Whether the failure stopped delivery (``False`` in MTA-STS testing
     #: mode, where it is only reported).
     enforced: bool = True
+    #: RFC 8460's "policy-string": the MTA-STS policy's lines, or the TLSA
+    #: records ("3 1 1 <hex>"); empty when not known.
+    policy_string: tuple[str, ...] = ()
+    #: RFC 8460's "mx-host" of an MTA-STS policy: its ``mx`` patterns.
+    mx_patterns: tuple[str, ...] = ()
+    #: This side's address in the session ("sending-mta-ip"); '' without one.
+    sending_ip: str = ""
+    #: The exchanger's address in the session ("receiving-ip"); '' without one.
+    receiving_ip: str = ""
 
     @property
     def successful(self) -> bool:
@@ -110,10 +136,11 @@ def _no_report(outcome: TlsOutcome) -> None:
 class TlsRequirement:
     """What a connection to one exchanger must satisfy.
 
-    Requirements compare equal by policy type, domain, host, :attr:`enforce`
-    and :attr:`key` (not by context or callables): the relay keeps one
-    connection pool per exchanger and requirement, so a connection is only
-    reused for messages that ask the same of it.
+    Requirements compare equal by policy type, domain, host, :attr:`enforce`,
+    :attr:`key` and the policy they report (not by context or callables): the
+    relay keeps one connection pool per exchanger and requirement, so a
+    connection is only reused for messages that ask the same of it, and its
+    outcomes name the policy that applies now.
     """
 
     #: ``'tlsa'`` (DANE) or ``'sts'`` (MTA-STS).
@@ -138,6 +165,18 @@ class TlsRequirement:
     report: Callable[[TlsOutcome], None] = field(
         default=_no_report, compare=False, hash=False, repr=False
     )
+    #: The :attr:`TlsOutcome.policy_string` of the outcomes.
+    policy_string: tuple[str, ...] = ()
+    #: The :attr:`TlsOutcome.mx_patterns` of the outcomes.
+    mx_patterns: tuple[str, ...] = ()
+
+    @property
+    def authenticates(self) -> bool:
+        """True when a session that meets this requirement has authenticated
+        the server: it is enforced and either checks the chain (DANE usable
+        records) or verifies it and the host name (MTA-STS). What a
+        REQUIRETLS message needs (RFC 8689 4.2.1)."""
+        return self.enforce and (self.check is not None or verifies(self.context))
 
     @property
     def label(self) -> str:
@@ -145,7 +184,10 @@ class TlsRequirement:
         return "DANE" if self.policy_type == "tlsa" else "MTA-STS"
 
     def outcome(self, result: TlsResult, detail: str = "") -> TlsOutcome:
-        """A :class:`TlsOutcome` of this requirement, reported at once."""
+        """A :class:`TlsOutcome` of this requirement, reported at once; the
+        addresses are those of this greenlet's session (see
+        :func:`track_addresses`)."""
+        sending_ip, receiving_ip = session_addresses()
         outcome = TlsOutcome(
             self.policy_type,
             self.domain,
@@ -153,9 +195,58 @@ class TlsRequirement:
             result,
             detail,
             self.enforce and result is not TlsResult.SUCCESS,
+            self.policy_string,
+            self.mx_patterns,
+            sending_ip,
+            receiving_ip,
         )
         self.report(outcome)
         return outcome
+
+
+#: The addresses of the connection each greenlet (pool client) made last.
+_session = local()
+_NO_ADDRESSES = ("", "")
+
+
+def _socket_addresses(sock: Any) -> tuple[str, str]:
+    try:
+        return str(sock.getsockname()[0]), str(sock.getpeername()[0])
+    except (AttributeError, OSError, IndexError, TypeError):
+        return _NO_ADDRESSES
+
+
+def track_addresses(connect: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a ``socket_creator`` so that the outcomes of the session it
+    connects carry the session's addresses (RFC 8460's "sending-mta-ip" and
+    "receiving-ip"): they are kept per greenlet, and each pool client
+    connects and negotiates TLS in its own greenlet."""
+
+    def creator(address: Any, *args: Any, **kwargs: Any) -> Any:
+        _session.addresses = _NO_ADDRESSES
+        sock = connect(address, *args, **kwargs)
+        _session.addresses = _socket_addresses(sock)
+        return sock
+
+    return creator
+
+
+def session_addresses() -> tuple[str, str]:
+    """``(ours, theirs)``: the addresses of the connection this greenlet made
+    last through a :func:`track_addresses` creator, else ``('', '')``."""
+    addresses: tuple[str, str] = getattr(_session, "addresses", _NO_ADDRESSES)
+    return addresses
+
+
+def verifies(context: ssl.SSLContext) -> bool:
+    """True when *context* checks certificates and host names (PKIX)."""
+    return context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def requiretls_failure(reason: str, command: bytes = b"MAIL") -> Reply:
+    """The reply of a REQUIRETLS message that cannot be relayed as it asks:
+    ``550 5.7.30 REQUIRETLS support required: <reason>`` (RFC 8689 4.2.1)."""
+    return Reply("550", f"{REQUIRETLS_ESC} REQUIRETLS support required: {reason}", command=command)
 
 
 def policy_failure(label: str, reason: str, command: bytes = b"STARTTLS") -> Reply:
