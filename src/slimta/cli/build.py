@@ -150,6 +150,9 @@ def _make_relay(kind: str, config: Config, problems: list[Problem]) -> Relay | N
             local_hosts=[hostname],
             ehlo_as=hostname,
             idle_timeout=RELAY_IDLE_TIMEOUT,
+            # Policies are cached in memory: a cache directory made here,
+            # before the switch of user, would belong to root.
+            mta_sts=config.mx.mta_sts,
         )
     if kind == "smarthost":
         from slimta.relay.smtp.static import StaticSmtpRelay

@@ -128,6 +128,7 @@ class RelayConfig:
 @dataclass(frozen=True, slots=True)
 class MxConfig:
     tls_verify: bool
+    mta_sts: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -619,6 +619,13 @@ SECTIONS: tuple[Section, ...] = (
                 "Check MX hosts' certificates (many are self-signed); STARTTLS is "
                 "used whenever offered either way.",
             ),
+            Key(
+                "mta_sts",
+                Bool(),
+                True,
+                "Apply the MTA-STS policies that recipient domains publish (RFC 8461): "
+                "for an enforce policy, only its MX hosts, only over verified TLS.",
+            ),
         ),
     ),
     Section(

@@ -39,6 +39,8 @@ def _relay_words(kind: str, config: Config) -> str:
         return f"Maildirs in {config.maildir.path}/<local part>"
     if kind == "http":
         return f"HTTP POST to {config.http.url}"
+    if kind == "mx" and config.mx.mta_sts:
+        return _RELAY_WORDS[kind] + ", applying their MTA-STS policies"
     return _RELAY_WORDS[kind]
 
 
