@@ -370,7 +370,9 @@ class MaildirRelay(Relay):
     :param base_dir: the directory holding the mailboxes; must exist.
     :param mailbox_for: ``mailbox_for(recipient) -> path``: the Maildir of a
         recipient. The path is trusted as given (no checks on its parts);
-        a relative one is taken relative to *base_dir*. ``None`` means "no
+        a relative one is taken relative to *base_dir*. Build it only from
+        parts you checked: ``"../x"@example.org`` is a valid address, and a
+        local part joined as it is would leave *base_dir*. ``None`` means "no
         such user": ``550 5.1.1``. A :class:`~slimta.relay.RelayError` it
         raises is that recipient's result; any other exception is logged
         and fails the recipient transiently. Addresses with control
