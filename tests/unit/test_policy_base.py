@@ -40,4 +40,31 @@ def test_subclasses() -> None:
 def test_public_names() -> None:
     import slimta.policy
 
-    assert set(slimta.policy.__all__) == {"PolicyError", "QueuePolicy", "RelayPolicy"}
+    assert set(slimta.policy.__all__) == {
+        "PolicyError",
+        "QueuePolicy",
+        "RelayPolicy",
+        "apply_queue_policies",
+    }
+
+
+def test_apply_queue_policies_runs_later_policies_on_each_product() -> None:
+    from slimta.envelope import Envelope
+    from slimta.policy import QueuePolicy, apply_queue_policies
+
+    class Split(QueuePolicy):
+        def apply(self, envelope: Envelope) -> list[Envelope]:
+            return [envelope.copy([rcpt]) for rcpt in envelope.recipients]
+
+    class Tag(QueuePolicy):
+        def apply(self, envelope: Envelope) -> None:
+            envelope.sender = "tagged@example.com"
+
+    result = apply_queue_policies([Split(), Tag()], Envelope("s@example.com", ["a@x", "b@x"]))
+    assert [(env.sender, env.recipients) for env in result] == [
+        ("tagged@example.com", ["a@x"]),
+        ("tagged@example.com", ["b@x"]),
+    ]
+    # A policy that returns nothing (or an empty list) keeps the envelope.
+    original = Envelope("s@example.com", ["a@x"])
+    assert apply_queue_policies([Tag()], original) == [original]

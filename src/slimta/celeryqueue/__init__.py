@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 from slimta import logging as slogging
 from slimta.celeryqueue._payload import EnvelopeCodec, PayloadError
-from slimta.policy import QueuePolicy
+from slimta.policy import QueuePolicy, apply_queue_policies
 from slimta.queue import Backoff, BounceFactory, QueueError, default_backoff
 from slimta.relay import PermanentRelayError, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
@@ -367,15 +367,7 @@ class CeleryQueue:
     # --- publishing ------------------------------------------------------------------
 
     def _apply_policies(self, envelope: Envelope) -> list[Envelope]:
-        envelopes = [envelope]
-        for policy in self.queue_policies:
-            products: list[Envelope] = []
-            for env in envelopes:
-                replaced = policy.apply(env)
-                new = list(replaced) if replaced is not None else []
-                products.extend(new or [env])
-            envelopes = products
-        return envelopes
+        return apply_queue_policies(self.queue_policies, envelope)
 
     def _publish(self, envelope: Envelope, task_id: str) -> str | QueueError:
         """Publish attempt 0 of *envelope*; a failure is returned, not raised."""

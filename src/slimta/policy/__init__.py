@@ -20,7 +20,7 @@ from slimta.core import SlimtaError
 if TYPE_CHECKING:
     from slimta.envelope import Envelope
 
-__all__ = ["PolicyError", "QueuePolicy", "RelayPolicy"]
+__all__ = ["PolicyError", "QueuePolicy", "RelayPolicy", "apply_queue_policies"]
 
 
 class PolicyError(SlimtaError):
@@ -63,3 +63,22 @@ class RelayPolicy:
         :raises NotImplementedError: in this base class.
         """
         raise NotImplementedError()
+
+
+def apply_queue_policies(policies: Iterable[QueuePolicy], envelope: Envelope) -> list[Envelope]:
+    """Run *policies* in order on *envelope*, as a queue does before storing.
+
+    A policy that returns envelopes replaces the one it was given by them;
+    the later policies run on each.
+
+    :returns: the envelopes to store, at least one.
+    """
+    envelopes = [envelope]
+    for policy in policies:
+        products: list[Envelope] = []
+        for env in envelopes:
+            replaced = policy.apply(env)
+            new = list(replaced) if replaced is not None else []
+            products.extend(new or [env])
+        envelopes = products
+    return envelopes

@@ -28,7 +28,7 @@ from slimta import logging as slogging
 from slimta.core import SlimtaError
 from slimta.logging.maillog import QUEUE as _MAILLOG_QUEUE
 from slimta.logging.maillog import MailLog, reply_text
-from slimta.policy import QueuePolicy
+from slimta.policy import QueuePolicy, apply_queue_policies
 from slimta.relay import PermanentRelayError, RecipientResult, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
 from slimta.util.ids import uuid4_hex
@@ -594,15 +594,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
     # --- enqueue helpers ----------------------------------------------------------
 
     def _apply_policies(self, envelope: Envelope) -> list[Envelope]:
-        envelopes = [envelope]
-        for policy in self.queue_policies:
-            products: list[Envelope] = []
-            for env in envelopes:
-                replaced = policy.apply(env)
-                new = list(replaced) if replaced is not None else []
-                products.extend(new or [env])
-            envelopes = products
-        return envelopes
+        return apply_queue_policies(self.queue_policies, envelope)
 
     def _write(self, envelope: Envelope, timestamp: float) -> tuple[str | Exception, bool]:
         """Store *envelope*; claim its id for delivery when there is a relay.
