@@ -30,6 +30,11 @@ def _formatter(log_format: str) -> logging.Formatter:
 def configure_logging(level: str, log_format: str = "text") -> None:
     """Send every logger's lines of *level* (``debug`` ... ``error``) and
     above to standard error, as *log_format* (``text`` or ``json``) lines."""
+    # Neither line format shows them, and under gevent the thread name
+    # costs a dummy Thread object for every greenlet's first line.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(log_format))
     root = logging.getLogger()
