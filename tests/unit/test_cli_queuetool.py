@@ -640,7 +640,12 @@ def test_systemd_unit_runs_this_program_with_the_config(tmp_path: Path) -> None:
     assert parsed["Install"]["WantedBy"] == "multi-user.target"
 
 
-def test_systemd_unit_of_the_embedded_default(tmp_path: Path) -> None:
+def test_systemd_unit_of_the_embedded_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default data directory is relative to the current one: keep it out
+    # of /tmp (where the checkout may be), which would keep the shared /tmp.
+    monkeypatch.chdir("/")
     config = load_text('[relay]\ndefault = "maildir"\n[relay.maildir]\npath = "/srv/out"\n', "x")
     parsed = unit(render_unit(config, None, None, ["/usr/bin/slimta"], tmp_path))
     service = parsed["Service"]
