@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.subprocess
 import pytest
 
 from slimta.util.workers import WorkerContext, Workers
@@ -131,7 +132,11 @@ class Process:
     """
 
     def __init__(self, command: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
+        # gevent's Popen: once anything in this test process has used
+        # gevent.subprocess (the pipe relay's tests do), gevent's child
+        # watcher reaps every child, and the stdlib's wait() then reads
+        # ECHILD as an exit status of 0.
+        self.proc = gevent.subprocess.Popen(
             command,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
