@@ -19,16 +19,22 @@ Each worker runs ``--pipeline``:
              BlackholeRelay (the queue drains after the load; the CPU of the
              drain is counted)
 
+The workers share the port with SO_REUSEPORT (one socket each), or with
+``--shared`` accept from one socket.
+
 Reported per run: msg/s (messages / smtp-source's wall time: the rate of
 250 replies), server CPU per message (utime+stime of the supervisor and its
 workers over the load and, for disk, the drain), smtp-source's CPU per
 message, and "foreign CPU": the host's busy time in the window not spent by
 these processes, as a share of all cores (other jobs on the box; also kernel
-work charged to no process, such as journal commits). Then the same-run
+work charged to no process, such as journal commits; and time the hypervisor
+stole, also shown alone as "steal"). Then the same-run
 ratio of msg/s, 2 workers / 1 worker, per repetition and shape, and its
 median. The load generator shares the two cores with the workers, so two
 workers cannot reach 2.0: CPU per message shows the cost apart from the
-core count.
+core count, and "CPU ceiling" is the ratio two workers would reach if they
+and smtp-source kept every core busy at their measured CPU per message
+(cores / (server + smtp-source CPU per message), over one worker's msg/s).
 
 Usage (from the repository root; results also go to
 ``bench/bench-results/<UTC stamp>-workers/results.json``)::
@@ -107,10 +113,15 @@ def bench_setup(worker: WorkerContext) -> None:
     worker.on_stop(edge.stop)
 
 
-def serve(count: int, pipeline: str, spool: str) -> int:
+def serve(count: int, pipeline: str, spool: str, shared: bool) -> int:
     """The supervisor: prints ``PORT <port>``, then ``READY <pid> ...``."""
     workers = Workers(
-        bench_setup, count, spool_root=spool, listeners=[("127.0.0.1", 0)], args=(pipeline,)
+        bench_setup,
+        count,
+        spool_root=spool,
+        listeners=[("127.0.0.1", 0)],
+        args=(pipeline,),
+        reuse_port=False if shared else None,
     )
     workers.bind()
     print("PORT", workers.addresses[0][1], flush=True)
@@ -130,17 +141,18 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def host_busy_s() -> float:
-    """Seconds of CPU the host spent busy since boot, all cores."""
+def host_busy_s() -> tuple[float, float]:
+    """Seconds of CPU the host spent busy since boot, all cores, and of
+    those the seconds stolen by the hypervisor."""
     with open("/proc/stat") as stat:
         values = [int(v) for v in stat.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / CLK_TCK
+    return (sum(values) - values[3] - values[4]) / CLK_TCK, values[7] / CLK_TCK
 
 
 class Server:
     """One supervisor with its workers, for one measured run."""
 
-    def __init__(self, count: int, pipeline: str, logdir: Path) -> None:
+    def __init__(self, count: int, pipeline: str, logdir: Path, shared: bool) -> None:
         self.spool = Path(tempfile.mkdtemp(prefix="workers-bench-"))
         self.err = open(logdir / f"server-{count}w-{time.monotonic_ns()}.err", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -154,6 +166,7 @@ class Server:
                 pipeline,
                 "--spool",
                 str(self.spool),
+                *(["--shared"] if shared else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -222,7 +235,7 @@ def smtp_source(
 
 
 def measure(args: argparse.Namespace, source: str, count: int, shape: str) -> dict[str, Any]:
-    server = Server(count, args.pipeline, args.logdir)
+    server = Server(count, args.pipeline, args.logdir, args.shared)
     try:
         smtp_source(source, server.port, shape, args.warmup, 5, args.size)
         server.wait_drained()
@@ -235,7 +248,7 @@ def measure(args: argparse.Namespace, source: str, count: int, shape: str) -> di
     finally:
         server.stop()
     server_cpu = cpu1 - cpu0
-    foreign = max(0.0, (busy1 - busy0) - server_cpu - source_cpu)
+    foreign = max(0.0, (busy1[0] - busy0[0]) - server_cpu - source_cpu)
     cores = len(os.sched_getaffinity(0))
     return {
         "workers": count,
@@ -244,6 +257,7 @@ def measure(args: argparse.Namespace, source: str, count: int, shape: str) -> di
         "server_cpu_us_per_msg": round(1e6 * server_cpu / args.messages, 1),
         "source_cpu_us_per_msg": round(1e6 * source_cpu / args.messages, 1),
         "foreign_cpu_pct": round(100.0 * foreign / (cores * window), 1),
+        "steal_pct": round(100.0 * (busy1[1] - busy0[1]) / (cores * window), 1),
     }
 
 
@@ -265,7 +279,12 @@ def report(runs: list[dict[str, Any]], shapes: list[str], reps: int) -> list[str
                 f"{median([r['source_cpu_us_per_msg'] for r in mine]):.0f} | "
                 f"{median([r['foreign_cpu_pct'] for r in mine]):.1f} |"
             )
-    lines += ["", "| shape | msg/s, 2 workers / 1 worker: median (per repetition) |", "|---|---|"]
+    lines += [
+        "",
+        "| shape | msg/s, 2 workers / 1 worker: median (per repetition) | CPU ceiling |",
+        "|---|---|---:|",
+    ]
+    cores = len(os.sched_getaffinity(0))
     for shape in shapes:
         ratios = []
         for rep in range(reps):
@@ -276,7 +295,13 @@ def report(runs: list[dict[str, Any]], shapes: list[str], reps: int) -> list[str
             }
             ratios.append(by_count[2] / by_count[1])
         each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-        lines.append(f"| {shape} | {median(ratios):.2f} ({each}) |")
+        # What two workers could do if they and smtp-source kept every core
+        # busy at their measured cost per message, over one worker's rate.
+        two = [r for r in runs if r["shape"] == shape and r["workers"] == 2]
+        one = [r["msgs_per_s"] for r in runs if r["shape"] == shape and r["workers"] == 1]
+        cost = median([r["server_cpu_us_per_msg"] + r["source_cpu_us_per_msg"] for r in two])
+        ceiling = cores * 1e6 / cost / median(one)
+        lines.append(f"| {shape} | {median(ratios):.2f} ({each}) | {ceiling:.2f} |")
     return lines
 
 
@@ -286,6 +311,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--spool", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", choices=PIPELINES, default="edge-only")
+    parser.add_argument(
+        "--shared", action="store_true", help="one listening socket for all (no SO_REUSEPORT)"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--messages", type=int, default=10000)
     parser.add_argument("--warmup", type=int, default=500)
@@ -295,7 +323,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if args.serve:
-        return serve(args.workers, args.pipeline, args.spool)
+        return serve(args.workers, args.pipeline, args.spool, args.shared)
 
     source = shutil.which("smtp-source") or shutil.which("smtp-source", path="/usr/sbin")
     if source is None:
