@@ -75,8 +75,8 @@ from typing import TYPE_CHECKING, Any
 
 from slimta import logging as slogging
 from slimta.celeryqueue._payload import EnvelopeCodec, PayloadError
-from slimta.policy import QueuePolicy, apply_queue_policies
-from slimta.queue import Backoff, BounceFactory, QueueError, default_backoff
+from slimta.policy import QueuePolicy
+from slimta.queue import Backoff, BounceFactory, QueueError, _QueueFront, default_backoff
 from slimta.relay import PermanentRelayError, Relay, TransientRelayError
 from slimta.smtp.reply import Reply
 from slimta.util.ids import preferred_id, uuid4_hex
@@ -150,7 +150,7 @@ def _log_failures(id: str, failed: list[tuple[str, Reply]], what: str) -> None:
         _log.warning("message %s to <%s> %s: %s", id, rcpt, what, reply)
 
 
-class CeleryQueue:
+class CeleryQueue(_QueueFront):
     """Publishes each message as a Celery task; workers deliver it.
 
     On construction a task named ``attempt_delivery`` (``attempt_delivery_``
@@ -269,30 +269,7 @@ class CeleryQueue:
             shared=False,
         )
 
-    @property
-    def bounce_factory(self) -> BounceFactory:
-        """``bounce_factory(envelope, reply)``; :class:`slimta.bounce.Bounce` by default."""
-        if self._bounce_factory is None:
-            from slimta.bounce import Bounce
-
-            return Bounce
-        return self._bounce_factory
-
-    @bounce_factory.setter
-    def bounce_factory(self, factory: BounceFactory | None) -> None:
-        self._bounce_factory = factory
-
     # --- the Queue interface ------------------------------------------------------
-
-    def add_policy(self, policy: QueuePolicy) -> None:
-        """Run *policy* on every message :meth:`enqueue` gets, after earlier ones.
-
-        :param policy: a :class:`~slimta.policy.QueuePolicy`.
-        :raises TypeError: *policy* is not a ``QueuePolicy``.
-        """
-        if not isinstance(policy, QueuePolicy):
-            raise TypeError("expected QueuePolicy", policy)
-        self.queue_policies.append(policy)
 
     def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, str | QueueError]]:
         """Queue a new message: run the policies, publish one task per envelope.
@@ -365,9 +342,6 @@ class CeleryQueue:
         return task_id
 
     # --- publishing ------------------------------------------------------------------
-
-    def _apply_policies(self, envelope: Envelope) -> list[Envelope]:
-        return apply_queue_policies(self.queue_policies, envelope)
 
     def _publish(self, envelope: Envelope, task_id: str) -> str | QueueError:
         """Publish attempt 0 of *envelope*; a failure is returned, not raised."""

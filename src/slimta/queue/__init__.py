@@ -299,7 +299,43 @@ class _Outcomes:
         return outcomes
 
 
-class Queue(gevent.Greenlet):  # type: ignore[misc]
+class _QueueFront:
+    """What every queue does before it stores a message: the queue policies,
+    and the factory of the bounces it makes. :class:`Queue` and
+    :class:`slimta.celeryqueue.CeleryQueue` share it."""
+
+    queue_policies: list[QueuePolicy]
+    _bounce_factory: BounceFactory | None
+
+    @property
+    def bounce_factory(self) -> BounceFactory:
+        """``bounce_factory(envelope, reply)``; :class:`slimta.bounce.Bounce` by default."""
+        if self._bounce_factory is None:
+            # Imported here: the bounce module is only needed once mail fails.
+            from slimta.bounce import Bounce
+
+            return Bounce
+        return self._bounce_factory
+
+    @bounce_factory.setter
+    def bounce_factory(self, factory: BounceFactory | None) -> None:
+        self._bounce_factory = factory
+
+    def add_policy(self, policy: QueuePolicy) -> None:
+        """Run *policy* on every message :meth:`enqueue` gets, after earlier ones.
+
+        :param policy: a :class:`~slimta.policy.QueuePolicy`.
+        :raises TypeError: *policy* is not a ``QueuePolicy``.
+        """
+        if not isinstance(policy, QueuePolicy):
+            raise TypeError("expected QueuePolicy", policy)
+        self.queue_policies.append(policy)
+
+    def _apply_policies(self, envelope: Envelope) -> list[Envelope]:
+        return apply_queue_policies(self.queue_policies, envelope)
+
+
+class Queue(_QueueFront, gevent.Greenlet):  # type: ignore[misc]
     """Stores messages and delivers them through a relay, retrying as needed.
 
     Start the greenlet with :meth:`start`: it loads the messages already in
@@ -408,31 +444,7 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
         self._write_waiters = 0
         self._write_done = Event()
 
-    @property
-    def bounce_factory(self) -> BounceFactory:
-        """``bounce_factory(envelope, reply)``; :class:`slimta.bounce.Bounce` by default."""
-        if self._bounce_factory is None:
-            # Imported here: the bounce module is only needed once mail fails.
-            from slimta.bounce import Bounce
-
-            return Bounce
-        return self._bounce_factory
-
-    @bounce_factory.setter
-    def bounce_factory(self, factory: BounceFactory | None) -> None:
-        self._bounce_factory = factory
-
     # --- public API -----------------------------------------------------------
-
-    def add_policy(self, policy: QueuePolicy) -> None:
-        """Run *policy* on every message :meth:`enqueue` gets, after earlier ones.
-
-        :param policy: a :class:`~slimta.policy.QueuePolicy`.
-        :raises TypeError: *policy* is not a ``QueuePolicy``.
-        """
-        if not isinstance(policy, QueuePolicy):
-            raise TypeError("expected QueuePolicy", policy)
-        self.queue_policies.append(policy)
 
     def enqueue(self, envelope: Envelope) -> list[tuple[Envelope, str | QueueError]]:
         """Queue a new message: run the policies, store, attempt delivery.
@@ -592,9 +604,6 @@ class Queue(gevent.Greenlet):  # type: ignore[misc]
                 gevent.sleep(self._wait_retry_delay)
 
     # --- enqueue helpers ----------------------------------------------------------
-
-    def _apply_policies(self, envelope: Envelope) -> list[Envelope]:
-        return apply_queue_policies(self.queue_policies, envelope)
 
     def _write(self, envelope: Envelope, timestamp: float) -> tuple[str | Exception, bool]:
         """Store *envelope*; claim its id for delivery when there is a relay.
