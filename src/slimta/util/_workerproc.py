@@ -109,7 +109,9 @@ def _exit_status(exc: SystemExit) -> int:
         return 0
     if isinstance(code, int):
         return code
-    print(code, file=sys.stderr)
+    # What the interpreter does with SystemExit("message"): the worker's
+    # stderr is the supervisor's, where the operator reads it.
+    sys.stderr.write(f"{code}\n")
     return 1
 
 
